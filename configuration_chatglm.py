@@ -1,0 +1,130 @@
+"""ChatGLM3 configuration.
+
+Field names, order and defaults are those of the published ``configuration_chatglm.py`` so that
+published ``config.json`` files (and the converters of vLLM / llama.cpp that read them) keep working.
+Added on top: ``rope_ratio`` (the 32k/128k variants), ``original_rope`` (declared, informational),
+``num_hidden_layers`` as an alias of ``num_layers`` (transformers' caches read it), and validation.
+"""
+from transformers import PretrainedConfig
+
+SUPPORTED_QUANTIZATION_BITS = (0, 4, 8)
+
+
+class ChatGLMConfig(PretrainedConfig):
+    model_type = "chatglm"
+    attribute_map = {"num_hidden_layers": "num_layers", "num_key_value_heads": "multi_query_group_num"}
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        num_layers=28,
+        padded_vocab_size=65024,
+        hidden_size=4096,
+        ffn_hidden_size=13696,
+        kv_channels=128,
+        num_attention_heads=32,
+        seq_length=2048,
+        hidden_dropout=0.0,
+        classifier_dropout=None,
+        attention_dropout=0.0,
+        layernorm_epsilon=1e-5,
+        rope_ratio=1,
+        rmsnorm=True,
+        apply_residual_connection_post_layernorm=False,
+        post_layer_norm=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        bias_dropout_fusion=True,
+        multi_query_attention=False,
+        multi_query_group_num=1,
+        apply_query_key_layer_scaling=True,
+        attention_softmax_in_fp32=True,
+        fp32_residual_connection=False,
+        quantization_bit=0,
+        pre_seq_len=None,
+        prefix_projection=False,
+        original_rope=True,
+        use_cache=True,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
+        self.num_layers = num_layers
+        self.vocab_size = padded_vocab_size
+        self.padded_vocab_size = padded_vocab_size
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.kv_channels = kv_channels
+        self.num_attention_heads = num_attention_heads
+        self.seq_length = seq_length
+        self.hidden_dropout = hidden_dropout
+        self.classifier_dropout = classifier_dropout
+        self.attention_dropout = attention_dropout
+        self.layernorm_epsilon = layernorm_epsilon
+        self.rope_ratio = rope_ratio
+        self.rmsnorm = rmsnorm
+        self.apply_residual_connection_post_layernorm = apply_residual_connection_post_layernorm
+        self.post_layer_norm = post_layer_norm
+        self.add_bias_linear = add_bias_linear
+        self.add_qkv_bias = add_qkv_bias
+        self.bias_dropout_fusion = bias_dropout_fusion
+        self.multi_query_attention = multi_query_attention
+        self.multi_query_group_num = multi_query_group_num
+        self.apply_query_key_layer_scaling = apply_query_key_layer_scaling
+        self.attention_softmax_in_fp32 = attention_softmax_in_fp32
+        self.fp32_residual_connection = fp32_residual_connection
+        self.quantization_bit = quantization_bit
+        self.pre_seq_len = pre_seq_len
+        self.prefix_projection = prefix_projection
+        self.original_rope = original_rope
+        # transformers 5 drops generation-ish kwargs it does not declare; keep them explicit.
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_chatglm()
+
+    @property
+    def num_kv_heads(self):
+        """Number of key/value heads the attention actually uses."""
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def head_dim(self):
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    def validate_chatglm(self):
+        """Raise ``ValueError`` for values the model cannot be built with."""
+        positive_ints = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size",
+                         "num_attention_heads", "seq_length")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ChatGLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.kv_channels is not None and (
+            isinstance(self.kv_channels, bool) or not isinstance(self.kv_channels, int) or self.kv_channels <= 0
+            or self.kv_channels % 2
+        ):
+            raise ValueError(f"ChatGLMConfig.kv_channels must be a positive even integer, got {self.kv_channels!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) when kv_channels is not set")
+        if self.multi_query_attention:
+            g = self.multi_query_group_num
+            if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
+                raise ValueError(f"ChatGLMConfig.multi_query_group_num must be a positive integer, got {g!r}")
+            if self.num_attention_heads % g:
+                raise ValueError(
+                    f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                    f"multi_query_group_num ({g})")
+        if self.quantization_bit not in SUPPORTED_QUANTIZATION_BITS:
+            raise ValueError(
+                f"ChatGLMConfig.quantization_bit must be one of {SUPPORTED_QUANTIZATION_BITS}, "
+                f"got {self.quantization_bit!r}")
+        if self.pre_seq_len is not None and (
+            isinstance(self.pre_seq_len, bool) or not isinstance(self.pre_seq_len, int) or self.pre_seq_len <= 0
+        ):
+            raise ValueError(f"ChatGLMConfig.pre_seq_len must be None or a positive integer, got {self.pre_seq_len!r}")
+        if not isinstance(self.rope_ratio, (int, float)) or isinstance(self.rope_ratio, bool) or self.rope_ratio <= 0:
+            raise ValueError(f"ChatGLMConfig.rope_ratio must be a positive number, got {self.rope_ratio!r}")
+        if not isinstance(self.layernorm_epsilon, (int, float)) or self.layernorm_epsilon <= 0:
+            raise ValueError(
+                f"ChatGLMConfig.layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}")
