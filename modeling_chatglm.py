@@ -1,0 +1,847 @@
+"""ChatGLM3 model for Hugging Face transformers (remote code).
+
+Architecture (ChatGLM3-6B): pre-norm decoder, RMSNorm, fused QKV projection with bias, grouped-query
+attention (32 query heads, 2 key/value groups), rotary embedding on the first half of each head's
+dimensions with interleaved pairs (GPT-J style, base ``10000 * rope_ratio``), SwiGLU MLP with a fused
+gate/up projection, untied output layer.
+
+Internally every tensor is batch-first ``[batch, seq, hidden]``; ``ChatGLMModel`` returns seq-first
+*views* (``[seq, batch, hidden]``) because that is the published contract (Kolors, diffusers' KolorsPipeline).
+Checkpoint keys, config fields and the quantized storage format are exactly those of the published files.
+
+Everything that differs between transformers versions lives in the "compatibility" section below.
+"""
+import dataclasses
+import math
+import os
+import shutil
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils import logging
+
+from .configuration_chatglm import SUPPORTED_QUANTIZATION_BITS, ChatGLMConfig
+from .quantization import QuantizedLinear, quantize_model
+
+logger = logging.get_logger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compatibility: every transformers/torch version difference is handled here, by feature detection.
+# ---------------------------------------------------------------------------------------------------------------------
+try:  # transformers >= 4.36
+    from transformers.cache_utils import Cache as _HFCache
+    from transformers.cache_utils import DynamicCache as _HFDynamicCache
+except ImportError:  # transformers 4.30 - 4.35: no Cache classes
+    _HFCache = _HFDynamicCache = None
+
+try:  # transformers >= 4.40 exposes it here; 4.52+ no longer mixes it into PreTrainedModel
+    from transformers.generation import GenerationMixin
+except ImportError:  # pragma: no cover
+    from transformers.generation.utils import GenerationMixin
+
+# transformers 5.24 renamed the cache field of model outputs (and the forward kwarg) to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+try:
+    import inspect as _inspect
+
+    _SDPA_HAS_GQA = "enable_gqa" in str(_inspect.signature(F.scaled_dot_product_attention))
+except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+    _SDPA_HAS_GQA = False
+
+
+class _KVCache:
+    """Minimal key/value cache for transformers versions without ``cache_utils`` (4.30-4.35).
+
+    Same interface subset as ``DynamicCache``: ``update``, ``get_seq_length``, ``reorder_cache``.
+    Tensors are ``[batch, kv_heads, seq, head_dim]``.
+    """
+
+    def __init__(self):
+        self.key_cache: List[torch.Tensor] = []
+        self.value_cache: List[torch.Tensor] = []
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.key_cache):
+            self.key_cache.append(key)
+            self.value_cache.append(value)
+        else:
+            self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key], dim=-2)
+            self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value], dim=-2)
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    def get_seq_length(self, layer_idx=0):
+        return self.key_cache[layer_idx].shape[-2] if layer_idx < len(self.key_cache) else 0
+
+    def reorder_cache(self, beam_idx):
+        for i in range(len(self.key_cache)):
+            self.key_cache[i] = self.key_cache[i].index_select(0, beam_idx.to(self.key_cache[i].device))
+            self.value_cache[i] = self.value_cache[i].index_select(0, beam_idx.to(self.value_cache[i].device))
+
+    def __len__(self):
+        return len(self.key_cache)
+
+
+def _new_cache(config):
+    if _HFDynamicCache is None:
+        return _KVCache()
+    try:
+        return _HFDynamicCache(config=config)
+    except TypeError:  # transformers < 4.56: no config argument
+        return _HFDynamicCache()
+
+
+def _is_cache(obj):
+    return isinstance(obj, _KVCache) or (_HFCache is not None and isinstance(obj, _HFCache))
+
+
+def _make_output(cls, **fields):
+    """Build a transformers output, naming the cache field the way the installed version does."""
+    if "past_key_values" in fields and _CACHE_FIELD != "past_key_values":
+        fields[_CACHE_FIELD] = fields.pop("past_key_values")
+    return cls(**fields)
+
+
+def _warn_once(key, message, _seen=set()):
+    if key not in _seen:
+        _seen.add(key)
+        logger.warning(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back to the input dtype (as the published model)."""
+
+    def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        h = hidden_states.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(input_dtype)
+
+
+def _norm(config, device=None):
+    if config.rmsnorm:
+        return RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+
+
+def _linear(config, in_features, out_features, bias, device=None):
+    """A block linear: plain ``nn.Linear``, or an empty ``QuantizedLinear`` when the config says the
+    checkpoint is quantized (so a quantized load never materialises full-precision weights)."""
+    if config.quantization_bit:
+        return QuantizedLinear(
+            in_features, out_features, config.quantization_bit, bias=bias, dtype=torch.get_default_dtype(),
+            device=device)
+    return nn.Linear(in_features, out_features, bias=bias, device=device)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding on the first ``head_dim / 2`` dims of each head, interleaved pairs.
+
+    ``inv_freq`` is kept only because the published checkpoint stores it (as fp16) under
+    ``transformer.rotary_pos_emb.inv_freq``; the angles are computed from the config in float32 for the
+    positions actually used, so positions beyond ``seq_length`` work and nothing depends on the stored values.
+    """
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.rotary_dim = config.head_dim // 2  # 64 for ChatGLM3: half of each head is rotated
+        self.base = 10000.0 * float(config.rope_ratio)
+        self.register_buffer("inv_freq", self._compute_inv_freq(10000.0, device), persistent=True)
+
+    def _compute_inv_freq(self, base, device=None):
+        return 1.0 / (base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim))
+
+    def forward(self, position_ids, dtype):
+        """position_ids [b, s] -> (cos, sin), each [b, 1, s, rotary_dim / 2] in ``dtype``."""
+        theta = self._compute_inv_freq(self.base, position_ids.device)
+        angles = position_ids[:, None, :, None].float() * theta
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """x [b, heads, s, head_dim]; rotate adjacent pairs (x[2i], x[2i+1]) of the first 2*cos.shape[-1] dims."""
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x0, x1 = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def _eager_attention(q, k, v, mask, is_causal, dropout_p):
+    """Reference attention: softmax in float32. mask: bool [b, 1, q, k] (True = attend) or None."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
+def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True)
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+ATTENTION_FUNCTIONS = {"eager": _eager_attention, "sdpa": _sdpa_attention}
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection -> rotary -> cache -> attention (grouped-query) -> output projection."""
+
+    def __init__(self, config, layer_idx, device=None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.query_key_value = _linear(
+            config, config.hidden_size, self.q_size + 2 * self.kv_size,
+            bias=config.add_bias_linear or config.add_qkv_bias, device=device)
+        self.dense = _linear(config, self.q_size, config.hidden_size, bias=config.add_bias_linear, device=device)
+
+    def forward(self, hidden_states, rotary, mask, is_causal, cache=None):
+        b, s, _ = hidden_states.shape
+        qkv = self.query_key_value(hidden_states)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        attend = ATTENTION_FUNCTIONS.get(impl, _sdpa_attention)
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        out = attend(q, k, v, mask, is_causal, dropout_p)
+        out = out.transpose(1, 2).reshape(b, s, self.q_size)
+        return self.dense(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``dense_h_to_4h`` holds [gate; up] stacked; silu(gate) * up -> ``dense_4h_to_h``."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.dense_h_to_4h = _linear(
+            config, config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device)
+        self.dense_4h_to_h = _linear(
+            config, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
+
+    def forward(self, hidden_states):
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer_idx, device=None):
+        super().__init__()
+        self.layer_number = layer_idx + 1  # 1-based, as published
+        self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = _norm(config, device)
+        self.self_attention = SelfAttention(config, layer_idx, device=device)
+        self.post_attention_layernorm = _norm(config, device)
+        self.mlp = MLP(config, device=device)
+
+    def forward(self, hidden_states, rotary, mask, is_causal, cache=None):
+        normed = self.input_layernorm(hidden_states)
+        attn = self.self_attention(normed, rotary, mask, is_causal, cache)
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        hidden_states = residual + F.dropout(attn, p=self.hidden_dropout, training=self.training)
+        normed = self.post_attention_layernorm(hidden_states)
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training)
+
+
+class GLMTransformer(nn.Module):
+    """The stack of blocks plus the final norm (``transformer.encoder`` in the checkpoint)."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.layers = nn.ModuleList([GLMBlock(config, i, device=device) for i in range(config.num_layers)])
+        self.final_layernorm = _norm(config, device) if config.post_layer_norm else None
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, rotary, mask, is_causal, cache=None, output_hidden_states=False):
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            if self.gradient_checkpointing and self.training:
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+                if checkpoint is None:
+                    hidden_states = torch.utils.checkpoint.checkpoint(
+                        layer, hidden_states, rotary, mask, is_causal, None, use_reentrant=False)
+                else:
+                    hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, is_causal, None)
+            else:
+                hidden_states = layer(hidden_states, rotary, mask, is_causal, cache)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)  # last layer's output, before the final norm (published contract)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states, all_hidden
+
+
+class Embedding(nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, device=device)
+        self.fp32_residual_connection = config.fp32_residual_connection
+
+    def forward(self, input_ids):
+        embeddings = self.word_embeddings(input_ids)
+        return embeddings.float() if self.fp32_residual_connection else embeddings
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: learned per-layer key/value prefixes, optionally through a 2-layer MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.prefix_projection = config.prefix_projection
+        kv_size = config.num_layers * config.head_dim * config.num_kv_heads * 2
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        if self.prefix_projection:
+            self.trans = nn.Sequential(
+                nn.Linear(kv_size, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, kv_size))
+
+    def forward(self, prefix_tokens):
+        prefix = self.embedding(prefix_tokens)
+        return self.trans(prefix) if self.prefix_projection else prefix
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained-model plumbing
+# ---------------------------------------------------------------------------------------------------------------------
+REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    is_parallelizable = False
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flash_attn_2 = False
+    _keys_to_ignore_on_load_missing = [r"rotary_pos_emb\.inv_freq"]
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RotaryEmbedding):
+            with torch.no_grad():
+                module.inv_freq.copy_(module._compute_inv_freq(10000.0, module.inv_freq.device))
+
+    def _set_gradient_checkpointing(self, *args, **kwargs):
+        # transformers 4.30: apply(partial(fn, value=True)) -> fn(module, value=True)
+        # transformers >= 4.35: fn(enable=True, gradient_checkpointing_func=..., [every_n_layers=...])
+        if args and isinstance(args[0], nn.Module):
+            enable = kwargs.get("value", args[1] if len(args) > 1 else False)
+            targets, func = [args[0]], None
+        else:
+            enable = kwargs.get("enable", args[0] if args else True)
+            func = kwargs.get("gradient_checkpointing_func")
+            targets = list(self.modules())
+        for module in targets:
+            if isinstance(module, GLMTransformer):
+                module.gradient_checkpointing = enable
+                if func is not None:
+                    module._gradient_checkpointing_func = func
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, then copy the remote-code files next to the weights so the folder loads again
+        with ``trust_remote_code=True`` (the published files lose them)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in REMOTE_CODE_FILES:
+            src = os.path.join(here, name)
+            dst = os.path.join(save_directory, name)
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
+                shutil.copyfile(src, dst)
+        return result
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """The bare transformer (``model.transformer``). Outputs are seq-first ``[seq, batch, hidden]``."""
+
+    def __init__(self, config: ChatGLMConfig, device=None, empty_init=True):
+        super().__init__(config)
+        self.num_layers = config.num_layers
+        self.multi_query_group_num = config.multi_query_group_num
+        self.kv_channels = config.kv_channels
+        self.seq_length = config.seq_length
+        self.pre_seq_len = config.pre_seq_len
+        self.prefix_projection = config.prefix_projection
+        self.embedding = Embedding(config, device=device)
+        self.rotary_pos_emb = RotaryEmbedding(config, device=device)
+        self.encoder = GLMTransformer(config, device=device)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+        if config.pre_seq_len is not None:
+            for param in self.parameters():
+                param.requires_grad = False
+            self.prefix_encoder = PrefixEncoder(config)
+            self.dropout = nn.Dropout(0.1)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    def get_prompt(self, batch_size, device, dtype):
+        """P-tuning v2 prefix: per layer (key, value), each [batch, kv_heads, pre_seq_len, head_dim]."""
+        cfg = self.config
+        tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+        prefix = self.dropout(self.prefix_encoder(tokens).to(dtype))
+        prefix = prefix.view(batch_size, self.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.head_dim)
+        prefix = prefix.permute(2, 0, 3, 1, 4)  # [layers*2, b, kv_heads, pre_seq_len, head_dim]
+        return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    # -- input checking -------------------------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            if input_ids.numel():
+                low, high = int(input_ids.min()), int(input_ids.max())
+                vocab = self.config.padded_vocab_size
+                if low < 0 or high >= vocab:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
+            batch, seq = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3:
+                raise ValueError(f"inputs_embeds must be 3-D, got shape {tuple(inputs_embeds.shape)}")
+            seq, batch = inputs_embeds.shape[:2]  # seq-first, as published
+        if batch == 0 or seq == 0:
+            raise ValueError(f"empty input: batch={batch}, seq={seq}")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+                    seq, past_len + seq):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {past_len + seq}] "
+                    f"(batch, past + new tokens)")
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)}; expected [{batch}, {seq}] like input_ids")
+            if position_ids.numel() and int(position_ids.min()) < 0:
+                raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
+        return batch, seq
+
+    # -- masks and positions -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _positions_from_mask(attention_mask, seq):
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        return positions[:, -seq:]
+
+    def _attention_mask(self, attention_mask, full_attention_mask, batch, seq, past_len, prefix_len, device):
+        """Return (mask, is_causal). mask is bool [b, 1, seq, kv_len], True = attend, or None."""
+        kv_len = past_len + seq
+        if full_attention_mask is not None:  # published convention: True = masked
+            return ~full_attention_mask.bool(), False
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded:
+            if seq == 1:
+                return None, False
+            if past_len == 0:
+                return None, True
+        q_pos = torch.arange(past_len, kv_len, device=device)
+        k_pos = torch.arange(kv_len, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(batch, 1, seq, kv_len)
+        if padded:
+            key_valid = attention_mask.bool()
+            if key_valid.shape[1] == seq and past_len - prefix_len > 0:  # mask given for new tokens only
+                key_valid = torch.cat([key_valid.new_ones(batch, past_len - prefix_len), key_valid], dim=1)
+            if prefix_len:
+                key_valid = torch.cat([key_valid.new_ones(batch, prefix_len), key_valid], dim=1)
+            mask = mask & key_valid[:, None, None, :]
+            # A padding query has no valid key; let it attend to everything so no row becomes NaN.
+            mask = mask | ~key_valid[:, None, -seq:, None]
+        return mask, False
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        full_attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        output_attentions=None,
+        cache=None,
+        **kwargs,
+    ):
+        if output_attentions:
+            raise ValueError("output_attentions is not supported by ChatGLM (SDPA attention); use hidden states")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        past = cache if cache is not None else past_key_values
+        if past is not None and not _is_cache(past):
+            raise ValueError(
+                f"past_key_values must be a transformers Cache (e.g. DynamicCache) as returned by this model, "
+                f"got {type(past).__name__}; legacy tuple caches are not supported")
+        if self.encoder.gradient_checkpointing and self.training and use_cache:
+            _warn_once("gc-cache", "use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            use_cache = False
+
+        prefix_len = self.pre_seq_len or 0
+        past_len = past.get_seq_length() if past is not None else 0
+        batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len - prefix_len
+                                        if past_len else 0)
+        if inputs_embeds is None:
+            hidden_states = self.embedding(input_ids)
+            device = input_ids.device
+        else:
+            hidden_states = inputs_embeds.transpose(0, 1)  # published contract: seq-first input
+            device = inputs_embeds.device
+
+        if use_cache and past is None:
+            past = _new_cache(self.config)
+        if prefix_len and past_len == 0:  # p-tuning v2: the prefix is the start of every layer's cache
+            if past is None:
+                past = _new_cache(self.config)  # local, not returned when use_cache is False
+            for i, (k, v) in enumerate(self.get_prompt(batch, device, hidden_states.dtype)):
+                past.update(k, v, i)
+            past_len = prefix_len
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = self._positions_from_mask(attention_mask, seq)
+            else:
+                start = past_len - prefix_len
+                position_ids = torch.arange(start, start + seq, device=device).unsqueeze(0)
+        if not torch.jit.is_tracing() and int(position_ids.max()) >= self.seq_length:
+            _warn_once("beyond-seq-length",
+                       f"position {int(position_ids.max())} is beyond config.seq_length ({self.seq_length}); "
+                       f"rotary angles are computed exactly, but the model was not trained that far")
+        rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
+        mask, is_causal = self._attention_mask(
+            attention_mask, full_attention_mask, batch, seq, past_len, prefix_len, device)
+
+        hidden_states, all_hidden = self.encoder(
+            hidden_states, rotary, mask, is_causal, cache=past, output_hidden_states=output_hidden_states)
+
+        # Published layout: seq-first. Transposed views, no copies.
+        last_hidden = hidden_states.transpose(0, 1)
+        all_hidden = tuple(h.transpose(0, 1) for h in all_hidden) if all_hidden is not None else None
+        presents = past if use_cache else None
+        if not return_dict:
+            return tuple(x for x in (last_hidden, presents, all_hidden) if x is not None)
+        return _make_output(BaseModelOutputWithPast, last_hidden_state=last_hidden, past_key_values=presents,
+                            hidden_states=all_hidden, attentions=None)
+
+    def quantize(self, weight_bit_width: int):
+        quantize_model(self.encoder, weight_bit_width)
+        self.config.quantization_bit = weight_bit_width
+        return self
+
+
+def _validate_bits(bits):
+    if isinstance(bits, bool) or bits not in SUPPORTED_QUANTIZATION_BITS:
+        raise ValueError(f"quantization bits must be one of {SUPPORTED_QUANTIZATION_BITS}, got {bits!r}")
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLM3 with its language-model head (``output_layer``). Logits are ``[batch, seq, vocab]``."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
+        super().__init__(config)
+        self.max_sequence_length = config.seq_length
+        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
+        self.config = config
+        self.post_init()
+
+    @property
+    def quantized(self):
+        return bool(self.config.quantization_bit)
+
+    def get_input_embeddings(self):
+        return self.transformer.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.transformer.embedding.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.transformer.output_layer
+
+    def set_output_embeddings(self, new_embeddings):
+        self.transformer.output_layer = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        return_last_logit=False,
+        logits_to_keep=0,
+        cache=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        """``inputs_embeds`` is batch-first ``[batch, seq, hidden]`` here (transformers convention, what
+        ``generate(inputs_embeds=...)`` passes); ``ChatGLMModel`` itself keeps the published seq-first input."""
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds.transpose(0, 1) if inputs_embeds is not None else None,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state.transpose(0, 1)  # back to batch-first (a view)
+        if return_last_logit:
+            logits_to_keep = 1
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.transformer.output_layer(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function_chatglm(logits, labels, num_items_in_batch)
+        all_hidden = outputs.hidden_states
+        if all_hidden is not None:
+            all_hidden = tuple(h.transpose(0, 1) for h in all_hidden)
+        past = getattr(outputs, _CACHE_FIELD)
+        if not return_dict:
+            return tuple(x for x in (loss, logits, past, all_hidden) if x is not None)
+        return _make_output(CausalLMOutputWithPast, loss=loss, logits=logits, past_key_values=past,
+                            hidden_states=all_hidden, attentions=None)
+
+    @staticmethod
+    def loss_function_chatglm(logits, labels, num_items_in_batch=None):
+        """Next-token cross entropy in float32. With ``num_items_in_batch`` (Trainer with gradient
+        accumulation) the sum is divided by that count, so accumulated steps add up to the true mean."""
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}")
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        if num_items_in_batch is None:
+            return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+
+    # -- generation ---------------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+        use_cache=None, **kwargs,
+    ):
+        """Works with the generate() of every supported transformers version: slices the new tokens using
+        the cache length, and keeps position ids right for left-padded batches (derived from the attention
+        mask, or continued from the ones the tokenizer supplied)."""
+        past = kwargs.pop("cache", None) or past_key_values
+        prefix_len = self.config.pre_seq_len or 0
+        past_len = past.get_seq_length() if past is not None else 0
+        past_len = max(past_len - prefix_len, 0) if past_len else 0
+        total = input_ids.shape[1]
+        model_inputs = {}
+        if inputs_embeds is not None and past_len == 0:
+            model_inputs["inputs_embeds"] = inputs_embeds
+            seq = inputs_embeds.shape[1]
+        else:
+            # New tokens: what generate says (5.x / 4.x), else everything past the cache. After a prompt given
+            # as inputs_embeds, input_ids holds only the generated tokens, so it can be shorter than the cache.
+            seq = kwargs.get("next_sequence_length")
+            if seq is None and kwargs.get("cache_position") is not None:
+                seq = kwargs["cache_position"].shape[0]
+            if seq is None:
+                seq = total - past_len if total > past_len else 1
+            model_inputs["input_ids"] = input_ids[:, -seq:]
+            total = max(total, past_len + seq)
+        if position_ids is not None:
+            missing = total - position_ids.shape[1]
+            if missing > 0:  # transformers 4.x does not extend user-supplied position_ids
+                step = torch.arange(1, missing + 1, device=position_ids.device, dtype=position_ids.dtype)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + step], dim=1)
+            position_ids = position_ids[:, -seq:]
+        elif attention_mask is not None:
+            position_ids = ChatGLMModel._positions_from_mask(attention_mask, seq)
+        model_inputs.update(
+            past_key_values=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
+        if "logits_to_keep" in kwargs:
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        else:
+            model_inputs["return_last_logit"] = True
+        return model_inputs
+
+    def _reorder_cache(self, past_key_values, beam_idx):  # transformers < 4.42 beam search
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
+
+    # -- quantization -------------------------------------------------------------------------------------------------
+    def quantize(self, bits: int, empty_init=False, device=None, **kwargs):
+        """Weight-only quantization of the block linears to int8 (``bits=8``) or int4 (``bits=4``), in place.
+        Returns the model. ``quantize(0)`` is a no-op. See quantization.py for formats and backends."""
+        _validate_bits(bits)
+        if bits == 0:
+            return self
+        if self.quantized:
+            if bits != self.config.quantization_bit:
+                raise ValueError(
+                    f"model is already quantized to {self.config.quantization_bit} bits; load the float "
+                    f"checkpoint to quantize to {bits} bits")
+            logger.warning("Already quantized to %d bits; nothing to do.", bits)
+            return self
+        quantize_model(self.transformer.encoder, bits)
+        self.config.quantization_bit = bits
+        return self
+
+
+class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
+    """Classification head on the last non-padding token (works with left or right padding)."""
+
+    def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
+        self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
+        self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.transformer.embedding.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        full_attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.transformer(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            full_attention_mask=full_attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
+        hidden = outputs.last_hidden_state.transpose(0, 1)  # [b, s, h]
+        batch, seq = hidden.shape[:2]
+        if attention_mask is not None:
+            mask = attention_mask[:, -seq:].long()
+            last = (torch.arange(seq, device=mask.device) * mask).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).long()
+            last = (torch.arange(seq, device=real.device) * real).argmax(-1)
+        else:
+            last = torch.full((batch,), seq - 1, device=hidden.device, dtype=torch.long)
+        pooled = hidden[torch.arange(batch, device=hidden.device), last.to(hidden.device)]
+        if self.dropout is not None:
+            pooled = self.dropout(pooled)
+        logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
+
+        loss = None
+        if labels is not None:
+            loss = self._classification_loss(logits, labels)
+        past = getattr(outputs, _CACHE_FIELD)
+        if not return_dict:
+            return tuple(x for x in (loss, logits, past, outputs.hidden_states) if x is not None)
+        return _make_output(SequenceClassifierOutputWithPast, loss=loss, logits=logits, past_key_values=past,
+                            hidden_states=outputs.hidden_states, attentions=None)
+
+    def _classification_loss(self, logits, labels):
+        cfg = self.config
+        if cfg.problem_type is None:
+            if self.num_labels == 1:
+                cfg.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                cfg.problem_type = "single_label_classification"
+            else:
+                cfg.problem_type = "multi_label_classification"
+        logits = logits.float()
+        if cfg.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1) if self.num_labels == 1 else logits, labels.float())
+        if cfg.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+    def quantize(self, bits: int, **kwargs):
+        _validate_bits(bits)
+        if bits and not self.config.quantization_bit:
+            self.transformer.quantize(bits)
+        return self

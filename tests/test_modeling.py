@@ -1,0 +1,291 @@
+"""Core model behaviour through the real trust_remote_code path, against transformers' own GlmForCausalLM
+(the same function as ChatGLM3 under a key mapping) as an independent reference."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
+
+needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM")
+
+
+def chatglm_to_glm_state_dict(sd, cfg):
+    """Independent key mapping ChatGLM3 -> transformers' Glm (written here, not imported from the package)."""
+    q = cfg["num_attention_heads"] * cfg["kv_channels"]
+    kv = cfg["multi_query_group_num"] * cfg["kv_channels"]
+    out = {}
+    for key, t in sd.items():
+        k = key.replace("transformer.", "", 1)
+        if k.endswith("inv_freq"):
+            continue
+        if k == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif k == "encoder.final_layernorm.weight":
+            out["model.norm.weight"] = t
+        elif k == "output_layer.weight":
+            out["lm_head.weight"] = t
+        else:
+            k = k.replace("encoder.layers.", "model.layers.")
+            if "query_key_value" in k:
+                base, kind = k.rsplit(".", 1)
+                base = base.replace("self_attention.query_key_value", "self_attn")
+                qt, kt, vt = t.split([q, kv, kv], dim=0)
+                out[f"{base}.q_proj.{kind}"], out[f"{base}.k_proj.{kind}"], out[f"{base}.v_proj.{kind}"] = qt, kt, vt
+            else:
+                k = (k.replace("self_attention.dense", "self_attn.o_proj")
+                     .replace("mlp.dense_h_to_4h", "mlp.gate_up_proj")
+                     .replace("mlp.dense_4h_to_h", "mlp.down_proj"))
+                out[k] = t
+    return out
+
+
+def build_glm(model):
+    from transformers import GlmConfig, GlmForCausalLM
+
+    c = model.config
+    kwargs = dict(
+        vocab_size=c.padded_vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.multi_query_group_num, head_dim=c.kv_channels, partial_rotary_factor=0.5,
+        rms_norm_eps=c.layernorm_epsilon, attention_bias=True, max_position_embeddings=c.seq_length,
+        pad_token_id=0, eos_token_id=2, tie_word_embeddings=False,
+    )
+    theta = 10000.0 * c.rope_ratio
+    cfg = GlmConfig(**kwargs, rope_theta=theta)
+    if getattr(cfg, "rope_parameters", None) and cfg.rope_parameters.get("rope_theta") != theta:  # transformers 5
+        cfg = GlmConfig(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                                   "partial_rotary_factor": 0.5})
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
+    assert rope["rope_theta"] == theta
+    glm = GlmForCausalLM(cfg).eval()
+    sd = chatglm_to_glm_state_dict(model.state_dict(), c.to_dict())
+    missing, unexpected = glm.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return glm
+
+
+def left_padded_batch():
+    ids = torch.tensor([[0, 0, 0, 5, 9, 33, 17, 4], [7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 0, 0, 0, 3, 99]])
+    mask = (torch.arange(8)[None, :] >= torch.tensor([3, 0, 6])[:, None]).long()
+    return ids, mask
+
+
+@needs_glm
+@pytest.mark.parametrize("rope_ratio", [1, 50])
+def test_logits_match_transformers_glm(tmp_path, rope_ratio):
+    folder = make_model_dir(tmp_path, rope_ratio=rope_ratio)
+    model = load_model(folder)
+    glm = build_glm(model)
+    ids, mask = left_padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        ref = glm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert ours.shape == (3, 8, TINY_CONFIG["padded_vocab_size"])
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)
+
+
+@needs_glm
+def test_greedy_generate_matches_transformers_glm(tiny_model):
+    glm = build_glm(tiny_model)
+    ids, mask = left_padded_batch()
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ours = tiny_model.generate(input_ids=ids, attention_mask=mask, **kw)
+        ref = glm.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ours, ref)
+
+
+def _generate(model, ids, mask=None, **kw):
+    kw.setdefault("max_new_tokens", 10)
+    kw.setdefault("pad_token_id", 0)
+    kw.setdefault("eos_token_id", None)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+
+def test_cache_on_off_identical(tiny_model):
+    ids, mask = left_padded_batch()
+    a = _generate(tiny_model, ids, mask, do_sample=False, use_cache=True)
+    b = _generate(tiny_model, ids, mask, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_left_padded_batch_equals_single_rows(tiny_model):
+    ids, mask = left_padded_batch()
+    batch = _generate(tiny_model, ids, mask, do_sample=False)
+    for row in range(ids.shape[0]):
+        start = int((mask[row] == 0).sum())
+        single = _generate(tiny_model, ids[row:row + 1, start:], do_sample=False)
+        assert torch.equal(batch[row, start:], single[0]), row
+
+
+def test_beam_one_equals_greedy_and_beam_search_runs(tiny_model):
+    ids, mask = left_padded_batch()
+    greedy = _generate(tiny_model, ids, mask, do_sample=False)
+    beam1 = _generate(tiny_model, ids, mask, do_sample=False, num_beams=1)
+    assert torch.equal(greedy, beam1)
+    beams = _generate(tiny_model, ids, mask, do_sample=False, num_beams=3)
+    assert beams.shape == greedy.shape
+    # beam search over single rows equals beam search within the padded batch
+    for row in range(ids.shape[0]):
+        start = int((mask[row] == 0).sum())
+        single = _generate(tiny_model, ids[row:row + 1, start:], do_sample=False, num_beams=3)
+        assert torch.equal(beams[row, start:], single[0]), row
+
+
+def test_sampling_is_seeded_and_batch_consistent(tiny_model):
+    ids, mask = left_padded_batch()
+    torch.manual_seed(0)
+    a = _generate(tiny_model, ids, mask, do_sample=True, top_k=20, temperature=0.9)
+    torch.manual_seed(0)
+    b = _generate(tiny_model, ids, mask, do_sample=True, top_k=20, temperature=0.9)
+    assert torch.equal(a, b)
+    assert ((a[:, 8:] >= 0) & (a[:, 8:] < TINY_CONFIG["padded_vocab_size"])).all()
+
+
+def test_tokenizer_position_ids_are_honoured(tiny_model):
+    ids, mask = left_padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with_pos = _generate(tiny_model, ids, mask, do_sample=False, position_ids=positions)
+    without = _generate(tiny_model, ids, mask, do_sample=False)
+    assert torch.equal(with_pos, without)
+    # shifted positions must change the result: they are really used
+    shifted = _generate(tiny_model, ids, mask, do_sample=False, position_ids=positions + 7, max_new_tokens=3)
+    with torch.no_grad():
+        a = tiny_model(input_ids=ids, attention_mask=mask, position_ids=positions + 7).logits
+        b = tiny_model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(a, b)
+    assert shifted.shape[1] == ids.shape[1] + 3
+
+
+def test_chatglm_model_output_contract(tiny_dir):
+    model = load_model(tiny_dir, cls="AutoModel")
+    ids, mask = left_padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model.transformer(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                output_hidden_states=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    h = TINY_CONFIG["hidden_size"]
+    assert out.last_hidden_state.shape == (8, 3, h)  # seq-first
+    assert len(out.hidden_states) == TINY_CONFIG["num_layers"] + 1
+    assert all(x.shape == (8, 3, h) for x in out.hidden_states)
+    # hidden_states[-1] is the last block's output BEFORE final_layernorm
+    normed = model.transformer.encoder.final_layernorm(out.hidden_states[-1])
+    torch.testing.assert_close(normed, out.last_hidden_state)
+    assert not torch.allclose(out.hidden_states[-1], out.last_hidden_state)
+    # what Kolors reads
+    assert out.hidden_states[-2].permute(1, 0, 2).shape == (3, 8, h)
+    assert out.hidden_states[-1][-1, :, :].shape == (3, h)
+    assert logits.shape == (3, 8, TINY_CONFIG["padded_vocab_size"])
+    # tuple output keeps the published order
+    tup = model.transformer(input_ids=ids, attention_mask=mask, return_dict=False, use_cache=False)
+    torch.testing.assert_close(tup[0], out.last_hidden_state)
+
+
+def test_labels_give_float32_loss(tmp_path):
+    folder = make_model_dir(tmp_path)
+    model = load_model(folder)
+    model = model.to(torch.bfloat16)
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    # independent computation of the same loss
+    logits = out.logits.float()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()
+    assert model.transformer.output_layer.weight.grad is not None
+
+
+def test_inputs_embeds_equal_input_ids(tiny_model):
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        embeds = tiny_model.get_input_embeddings()(ids)
+        a = tiny_model(input_ids=ids, attention_mask=mask).logits
+        b = tiny_model(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(a, b)
+    try:
+        gen = _generate(tiny_model, None, mask, inputs_embeds=embeds, do_sample=False, max_new_tokens=4)
+    except ValueError as exc:
+        if "bos_token_id" in str(exc):
+            pytest.skip("this transformers cannot generate from inputs_embeds for decoder-only models")
+        raise
+    ref = _generate(tiny_model, ids, mask, do_sample=False, max_new_tokens=4)
+    assert torch.equal(gen[:, -4:], ref[:, -4:])
+
+
+def test_eager_and_sdpa_agree(tiny_dir):
+    ids, mask = left_padded_batch()
+    try:
+        eager = load_model(tiny_dir, attn_implementation="eager")
+    except (TypeError, ValueError):
+        pytest.skip("this transformers does not accept attn_implementation")
+    sdpa = load_model(tiny_dir, attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=mask).logits
+        b = sdpa(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_cpu(tiny_dir, tiny_model, dtype):
+    ids, mask = left_padded_batch()
+    kw = {"dtype": dtype}
+    try:
+        model = load_model(tiny_dir, **kw)
+    except TypeError:
+        model = load_model(tiny_dir, torch_dtype=dtype)
+    assert model.transformer.output_layer.weight.dtype == dtype
+    with torch.no_grad():
+        low = model(input_ids=ids, attention_mask=mask).logits.float()
+        ref = tiny_model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.isfinite(low[real]).all()
+    assert (low[real] - ref[real]).abs().max() < 0.15 * ref[real].abs().max()
+    gen = _generate(model, ids, mask, do_sample=False, max_new_tokens=3)
+    assert gen.shape == (3, 11)
+
+
+def test_published_bin_shards_load_without_warnings(tmp_path, caplog):
+    """A checkpoint in the published layout: float16 sharded pytorch_model-0000N-of-0000M.bin + index,
+    including transformer.rotary_pos_emb.inv_freq."""
+    src = make_model_dir(tmp_path / "src")
+    ref = load_model(src)
+    sd = {k: v.half() for k, v in ref.state_dict().items()}
+    assert "transformer.rotary_pos_emb.inv_freq" in sd
+    dst = tmp_path / "published"
+    from conftest import write_code, write_config
+    write_code(dst)
+    write_config(dst, torch_dtype="float16")
+    keys = list(sd)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, shard_keys in enumerate(shards, 1):
+        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: sd[k] for k in shard_keys}, dst / name)
+        weight_map.update({k: name for k in shard_keys})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (dst / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    import logging
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = load_model(dst, dtype="auto")
+        except TypeError:
+            model = load_model(dst, torch_dtype="auto")
+    text = caplog.text + " ".join(str(w.message) for w in caught)
+    for bad in ("newly initialized", "were not used", "missing", "unexpected", "not initialized"):
+        assert bad not in text.lower(), text
+    assert model.transformer.output_layer.weight.dtype == torch.float16
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
