@@ -1,0 +1,718 @@
+"""Weight-only int8 / int4 quantization of the ChatGLM3 block linears.
+
+Storage format (the published one; checkpoints written by the original code load unchanged):
+
+* Only the four linears of every block are quantized: ``self_attention.query_key_value``,
+  ``self_attention.dense``, ``mlp.dense_h_to_4h`` and ``mlp.dense_4h_to_h``.
+* ``weight_scale`` [out_features], in the model dtype: ``max |w|`` over the row divided by 127 (int8) or 7 (int4).
+* ``weight`` int8: ``q = round(w / weight_scale[:, None])``; [out, in] for int8; for int4 [out, in / 2] with
+  element 2j in the high nibble and element 2j+1 in the low nibble, both signed 4-bit two's complement.
+* ``bias`` (query_key_value has one) stays in the model dtype.
+* An all-zero row gets scale 0 and q = 0, so it dequantizes to exact zeros (the original computed 0/0 = NaN).
+
+Compute backends (picked per layer at run time; see :func:`quantization_backend`,
+:func:`set_quantization_backend`):
+
+=================== ====== =========================================================================
+name                device what runs
+=================== ====== =========================================================================
+``cpu-int8pack``    CPU    ``torch._weight_int8pack_mm`` on the stored int8 weight (no copy)
+``cpu-int4pack``    CPU    ``torch._weight_int4pack_mm_for_cpu``; the weight is repacked once, in place
+``cuda-cpm_kernels``CUDA   this file's CUDA C dequantize kernels, compiled with NVRTC for the present GPU
+                           and launched through ``cpm_kernels``; then a cuBLAS matmul
+``cuda-nvrtc``      CUDA   the same kernels compiled and launched through torch's own NVRTC wrapper
+                           (used when cpm_kernels is missing or cannot find the CUDA libraries)
+``torch-dequant``   any    ``q * scale`` in plain torch, then ``F.linear`` (always available)
+=================== ====== =========================================================================
+
+This file imports only torch, the standard library and transformers' logging; ``cpm_kernels`` is imported lazily,
+the first time a CUDA layer runs, and any failure there falls back (with one warning) instead of failing.
+"""
+import ctypes
+import importlib
+import math
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from transformers.utils import logging as _hf_logging
+
+    logger = _hf_logging.get_logger(__name__)
+except Exception:  # pragma: no cover - transformers always present for remote code
+    import logging as _logging
+
+    logger = _logging.getLogger(__name__)
+
+SUPPORTED_BITS = (4, 8)
+QUANTIZED_LINEARS = {
+    "self_attention": ("query_key_value", "dense"),
+    "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
+}
+CPU_BACKENDS = ("cpu-int8pack", "cpu-int4pack")
+CUDA_BACKENDS = ("cuda-cpm_kernels", "cuda-nvrtc")
+BACKENDS = CPU_BACKENDS + CUDA_BACKENDS + ("torch-dequant",)
+
+_backend_override: Optional[str] = None
+_warned = set()
+_lock = threading.Lock()
+
+
+def _warn_once(key, msg, *args):
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
+def _check_bits(bits):
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"weight bit width must be 4 or 8, got {bits!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Storage format: quantize / pack / dequantize (pure torch, any device)
+# ---------------------------------------------------------------------------------------------------------------------
+def quantize_weight(weight: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float weight [out, in] to the stored format. Returns ``(stored int8, weight_scale)``.
+
+    Arithmetic happens in the weight's own dtype, as in the original (so fp16 checkpoints quantize bit-identically).
+    """
+    _check_bits(bits)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"expected a 2-D floating point weight, got {tuple(weight.shape)} {weight.dtype}")
+    out_features, in_features = weight.shape
+    if bits == 4 and in_features % 2:
+        raise ValueError(f"int4 quantization packs two columns per byte, so in_features must be even; "
+                         f"got in_features={in_features}")
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach()
+    scale = w.abs().amax(dim=-1) / qmax
+    # All-zero rows: scale 0, q 0 (dequantizes to exact zeros instead of 0/0 = NaN).
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(w / divisor[:, None]).clamp_(-qmax - 1, qmax).to(torch.int8)
+    if bits == 4:
+        q = pack_int4(q)
+    return q, scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> packed int8 [out, in/2] (element 2j high nibble, 2j+1 low nibble)."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    hi = q[..., 0::2].to(torch.int16)
+    lo = q[..., 1::2].to(torch.int16)
+    return (hi * 16 + (lo & 0xF)).to(torch.int8)  # hi*16 in [-128, 112] has a zero low nibble
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed int8 [out, in/2] -> int8 values [out, in] in [-8, 7] (sign-extended nibbles)."""
+    b = packed.to(torch.int16)
+    hi = torch.div(b, 16, rounding_mode="floor")  # arithmetic shift right by 4
+    lo = ((b & 0xF) ^ 8) - 8
+    return torch.stack((hi, lo), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
+
+
+def dequantize_weight(stored: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float weight a stored tensor stands for: ``q.to(scale.dtype) * scale[:, None]`` (one rounding)."""
+    _check_bits(bits)
+    q = unpack_int4(stored) if bits == 4 else stored
+    return q.to(scale.dtype) * scale[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU int4: torch's packed layout, and its inverse (so the stored format can be given back without keeping a copy)
+# ---------------------------------------------------------------------------------------------------------------------
+_INT4_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_cpu_int4_layout = None  # (block_n, mode) once calibrated, False if unusable
+_PACK_CHUNK_ROWS = 1024  # a multiple of every block size torch uses (64 / 32): chunks pack independently
+
+
+def _torch_int4_pack_rows(values_u4: torch.Tensor) -> torch.Tensor:
+    """values in [0, 15], int32 [n, K] -> torch's CPU int4 layout (uint8 [n, K/2])."""
+    try:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values_u4.to(torch.int32).contiguous(), 2)
+    except RuntimeError as e:
+        if "kByte" not in str(e) and "uint8" not in str(e).lower():
+            raise
+        # Older/newer torch: input is already nibble-packed uint8 [n, K/2], element 2j in the high nibble.
+        v = values_u4.to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu((v[:, 0::2] << 4 | v[:, 1::2]).contiguous(), 2)
+
+
+def _cpu_int4_pack(stored: torch.Tensor) -> torch.Tensor:
+    """Stored int4 [N, K/2] (int8) -> torch CPU packed uint8 [N, K/2], in row chunks to bound the int32 temp."""
+    rows = []
+    for start in range(0, stored.shape[0], _PACK_CHUNK_ROWS):
+        q = unpack_int4(stored[start:start + _PACK_CHUNK_ROWS])
+        rows.append(_torch_int4_pack_rows(q.to(torch.int32) + 8))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+
+
+def _layout_unpack(packed: torch.Tensor, n: int, k: int, block_n: int, mode: str) -> torch.Tensor:
+    """Inverse of torch's CPU int4 layout -> unsigned nibble values uint8 [n, k].
+
+    Rows are packed in blocks of ``block_n``; block b takes bytes [b*block_n*k/2, ...) laid out [k][block_n/2].
+    Full blocks: ``split`` puts row r in the low nibble of byte r and row r+block_n/2 in its high nibble;
+    ``pairs`` (partial blocks, and the non-vectorized build) puts rows 2i / 2i+1 in byte i's low / high nibble.
+    """
+    flat = packed.reshape(-1)
+    full = (n // block_n) * block_n
+    parts = []
+    if full:
+        blocks = flat[: full * k // 2].reshape(full // block_n, k, block_n // 2)
+        lo, hi = blocks & 0xF, blocks >> 4
+        vals = torch.cat((lo, hi), -1) if mode == "split" else torch.stack((lo, hi), -1).reshape(
+            full // block_n, k, block_n)
+        parts.append(vals.permute(0, 2, 1).reshape(full, k))
+    tail = n - full
+    if tail:
+        t = flat[full * k // 2:].reshape(k, tail // 2)
+        vals = torch.stack((t & 0xF, t >> 4), -1).reshape(k, tail)
+        parts.append(vals.t())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _calibrate_cpu_int4_layout():
+    """Find which layout this torch build packs into, by packing a probe and inverting it. ``False`` if none fits
+    (then the int4 CPU backend is not used and the plain torch path runs instead)."""
+    global _cpu_int4_layout
+    if _cpu_int4_layout is not None:
+        return _cpu_int4_layout
+    with _lock:
+        if _cpu_int4_layout is not None:
+            return _cpu_int4_layout
+        layout = False
+        try:
+            gen = torch.Generator().manual_seed(1234)
+            n, k = 176, 64  # 2 full 64-blocks + a 48 tail; 5 full 32-blocks + a 16 tail
+            vals = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+            packed = _torch_int4_pack_rows(vals)
+            chunked = torch.cat((_torch_int4_pack_rows(vals[:128]), _torch_int4_pack_rows(vals[128:])), 0)
+            if torch.equal(packed, chunked):
+                for block_n, mode in ((64, "split"), (32, "split"), (32, "pairs"), (64, "pairs")):
+                    if torch.equal(_layout_unpack(packed, n, k, block_n, mode).to(torch.int32), vals):
+                        layout = (block_n, mode)
+                        break
+        except Exception as e:  # op missing, or a layout we don't know
+            logger.info("torch int4 CPU kernels unavailable: %s", e)
+        _cpu_int4_layout = layout
+        return layout
+
+
+def _cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """torch CPU packed uint8 [n, k/2] -> stored int4 format int8 [n, k/2]."""
+    block_n, mode = _calibrate_cpu_int4_layout()
+    vals = _layout_unpack(packed, n, k, block_n, mode).to(torch.int8) - 8
+    return pack_int4(vals)
+
+
+def _int4_group_size(k):
+    for gs in (256, 128, 64, 32):
+        if k % gs == 0:
+            return gs
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA kernels: readable CUDA C, compiled at run time with NVRTC for the GPU that is present
+# ---------------------------------------------------------------------------------------------------------------------
+CUDA_SOURCE = r"""
+// Dequantize the stored ChatGLM3 formats to fp16 / bf16. Each thread handles one output pair (two adjacent
+// columns of one row) per step of a grid-stride loop, so an int4 byte or two int8 bytes -> one 32-bit store.
+// out = round_to_nearest_even(float(q) * float(scale[row])): the same single rounding torch's `q.to(T) * s` does.
+// No headers: NVRTC may have no include path, so conversions are done with PTX / integer code.
+
+static __device__ __forceinline__ float half_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+static __device__ __forceinline__ unsigned short float_to_half(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+static __device__ __forceinline__ float bf16_to_float(unsigned short b) {
+    return __uint_as_float(((unsigned int)b) << 16);
+}
+static __device__ __forceinline__ unsigned short float_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)0x7fc0;  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                      // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+static __device__ __forceinline__ int sext4(int nibble) { return ((nibble & 0xF) ^ 8) - 8; }
+
+#define DEFINE_DEQUANT(SUFFIX, TO_FLOAT, FROM_FLOAT)                                                       \
+extern "C" __global__ void chatglm_dequant_int4_##SUFFIX(                                                  \
+        const signed char* __restrict__ weight, const unsigned short* __restrict__ scale,                  \
+        unsigned int* __restrict__ out, int rows, int bytes_per_row) {                                     \
+    const long long total = (long long)rows * bytes_per_row;                                               \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;                        \
+         i += (long long)gridDim.x * blockDim.x) {                                                         \
+        const float s = TO_FLOAT(scale[i / bytes_per_row]);                                                \
+        const int byte = (int)weight[i];                                                                   \
+        const unsigned int even = FROM_FLOAT((float)sext4(byte >> 4) * s);  /* element 2j: high nibble */ \
+        const unsigned int odd = FROM_FLOAT((float)sext4(byte) * s);        /* element 2j+1: low nibble */ \
+        out[i] = even | (odd << 16);                                                                       \
+    }                                                                                                      \
+}                                                                                                          \
+extern "C" __global__ void chatglm_dequant_int8_##SUFFIX(                                                  \
+        const unsigned short* __restrict__ weight_pairs, const unsigned short* __restrict__ scale,         \
+        unsigned int* __restrict__ out, int rows, int pairs_per_row) {                                     \
+    const long long total = (long long)rows * pairs_per_row;                                               \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;                        \
+         i += (long long)gridDim.x * blockDim.x) {                                                         \
+        const float s = TO_FLOAT(scale[i / pairs_per_row]);                                                \
+        const unsigned int two = weight_pairs[i];                                                          \
+        const int q0 = (int)(signed char)(two & 0xFFu);                                                    \
+        const int q1 = (int)(signed char)(two >> 8);                                                       \
+        const unsigned int even = FROM_FLOAT((float)q0 * s);                                               \
+        const unsigned int odd = FROM_FLOAT((float)q1 * s);                                                \
+        out[i] = even | (odd << 16);                                                                       \
+    }                                                                                                      \
+}
+
+DEFINE_DEQUANT(f16, half_to_float, float_to_half)
+DEFINE_DEQUANT(bf16, bf16_to_float, float_to_bf16)
+"""
+
+_KERNEL_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_KERNEL_NAMES = tuple(f"chatglm_dequant_int{b}_{s}" for b in (4, 8) for s in ("f16", "bf16"))
+_THREADS = 256
+
+
+class _CpmKernelsLauncher:
+    """Compile CUDA_SOURCE with cpm_kernels' NVRTC binding, load it with its lazy module, launch via cuLaunchKernel."""
+
+    name = "cuda-cpm_kernels"
+
+    def __init__(self):
+        nvrtc = importlib.import_module("cpm_kernels.library.nvrtc")
+        base = importlib.import_module("cpm_kernels.kernels.base")
+        self._nvrtc, self._base = nvrtc, base
+        self._funcs = {}  # (device index, name) -> KernelFunction
+
+    def _compile(self, device):
+        nvrtc = self._nvrtc
+        major, minor = torch.cuda.get_device_capability(device)
+        prog = nvrtc.nvrtcProgram()
+        nvrtc.nvrtcCreateProgram(prog, CUDA_SOURCE, "chatglm_quantization.cu", 0, [], [])
+        try:
+            nvrtc.nvrtcCompileProgram(prog, 2, [f"--gpu-architecture=sm_{major}{minor}", "--std=c++14"])
+            size = nvrtc.nvrtcGetCUBINSize(prog)
+            buf = ctypes.create_string_buffer(size)
+            nvrtc.nvrtcGetCUBIN(prog, buf)
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        return self._base.LazyKernelCModule(buf.raw)
+
+    def __call__(self, name, grid, args, device):
+        key = (device.index, name)
+        fn = self._funcs.get(key)
+        if fn is None:
+            with torch.cuda.device(device):
+                module = self._compile(device)
+                for n in _KERNEL_NAMES:
+                    self._funcs[(device.index, n)] = self._base.KernelFunction(module, n)
+            fn = self._funcs[key]
+        params = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        with torch.cuda.device(device):
+            fn((grid, 1, 1), (_THREADS, 1, 1), 0, ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
+               params)
+
+
+class _TorchNvrtcLauncher:
+    """The same kernels through ``torch.cuda._compile_kernel`` (torch's own NVRTC wrapper)."""
+
+    name = "cuda-nvrtc"
+
+    def __init__(self):
+        self._compile_kernel = getattr(torch.cuda, "_compile_kernel", None) or getattr(torch.cuda, "compile_kernel")
+        self._funcs = {}
+
+    def __call__(self, name, grid, args, device):
+        key = (device.index, name)
+        fn = self._funcs.get(key)
+        if fn is None:
+            with torch.cuda.device(device):
+                fn = self._funcs[key] = self._compile_kernel(CUDA_SOURCE, name)
+        with torch.cuda.device(device):
+            fn(grid=(grid, 1, 1), block=(_THREADS, 1, 1), args=list(args),
+               stream=torch.cuda.current_stream(device))
+
+
+_launchers = {}
+
+
+def _get_launcher(name):
+    """The CUDA launcher ``name`` or None (reason logged once). Never raises."""
+    if name not in _launchers:
+        launcher = None
+        try:
+            if not torch.cuda.is_available():
+                raise RuntimeError("CUDA is not available")
+            launcher = _CpmKernelsLauncher() if name == "cuda-cpm_kernels" else _TorchNvrtcLauncher()
+        except Exception as e:  # ImportError, missing CUDA/NVRTC libraries, pkg_resources gone, ...
+            logger.info("quantization backend %s unavailable: %s", name, e)
+        _launchers[name] = launcher
+    return _launchers[name]
+
+
+def _cuda_dequantize(launcher, stored, scale, bits, dtype):
+    """Dequantize with this file's kernels to ``dtype`` (fp16/bf16). Same bits as dequantize_weight()."""
+    rows = stored.shape[0]
+    per_row = stored.shape[1] if bits == 4 else stored.shape[1] // 2
+    out_cols = stored.shape[1] * 2 if bits == 4 else stored.shape[1]
+    out = torch.empty(rows, out_cols, dtype=dtype, device=stored.device)
+    if rows == 0 or per_row == 0:
+        return out
+    total = rows * per_row
+    grid = max(1, min((total + _THREADS - 1) // _THREADS, 65535))
+    name = f"chatglm_dequant_int{bits}_{_KERNEL_SUFFIX[dtype]}"
+    launcher(name, grid, (stored, scale.to(dtype).contiguous(), out, rows, per_row), stored.device)
+    return out
+
+
+def _cuda_kernel_applicable(stored, bits, dtype):
+    return (dtype in _KERNEL_SUFFIX and stored.is_contiguous() and stored.data_ptr() % 4 == 0
+            and (bits == 4 or stored.shape[1] % 2 == 0) and stored.numel() < 2 ** 31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------------------------------
+def set_quantization_backend(name: Optional[str]):
+    """Force a compute backend for every QuantizedLinear (``None`` / ``"auto"``: choose automatically).
+
+    A forced backend that cannot run a given layer (wrong device, bit width, shape or dtype) falls back to
+    ``torch-dequant`` for that layer, with one warning; :func:`quantization_backend` reports what really runs.
+    """
+    global _backend_override
+    if name is None or name == "auto":
+        _backend_override = None
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {name!r}; expected one of {('auto',) + BACKENDS}")
+    _backend_override = name
+
+
+def get_quantization_backend_override() -> Optional[str]:
+    return _backend_override
+
+
+def _cpu_kernel_usable(name, bits, in_features, out_features, dtype):
+    if dtype not in _INT4_FLOAT_DTYPES:
+        return False
+    if name == "cpu-int8pack":
+        # The AVX-512 kernel reads 16 columns at a time with no tail handling (wrong results / crashes otherwise).
+        return (bits == 8 and in_features % 16 == 0
+                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+    if name == "cpu-int4pack":
+        return (bits == 4 and out_features % 16 == 0 and _int4_group_size(in_features) is not None
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                and bool(_calibrate_cpu_int4_layout()))
+    return False
+
+
+def _select_backend(layer, device, dtype) -> str:
+    bits, k, n = layer.weight_bit_width, layer.in_features, layer.out_features
+    forced = _backend_override
+    if device.type == "cpu":
+        candidates = [forced] if forced else ["cpu-int8pack" if bits == 8 else "cpu-int4pack"]
+        for name in candidates:
+            if name == "torch-dequant":
+                return name
+            if _cpu_kernel_usable(name, bits, k, n, dtype):
+                return name
+    elif device.type == "cuda":
+        candidates = [forced] if forced else list(CUDA_BACKENDS)
+        for name in candidates:
+            if name == "torch-dequant":
+                return name
+            if name in CUDA_BACKENDS and dtype in _KERNEL_SUFFIX and _get_launcher(name) is not None:
+                return name
+        if not forced and dtype in _KERNEL_SUFFIX:
+            _warn_once("cuda-fallback", "No CUDA quantization kernels could be loaded (install cpm_kernels, or "
+                       "check that the CUDA NVRTC library is present); using the slower torch-dequant backend.")
+    if forced and forced != "torch-dequant":
+        _warn_once(("forced", forced, device.type, bits, dtype),
+                   "quantization backend %r cannot run %d-bit %s layers on %s; using torch-dequant for them.",
+                   forced, bits, dtype, device.type)
+    return "torch-dequant"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# QuantizedLinear
+# ---------------------------------------------------------------------------------------------------------------------
+class QuantizedLinear(torch.nn.Module):
+    """A linear layer with a weight-only int8 / int4 weight in the published storage format.
+
+    Parameters (the checkpoint keys): ``weight`` int8 [out, in*bits/8], ``weight_scale`` [out] and ``bias``
+    [out] or None, both in the model dtype.
+
+    With the ``cpu-int4pack`` backend the weight is repacked once, on the first forward, into torch's CPU
+    kernel layout. The packed bytes live in the non-persistent buffer ``packed_weight`` (same size as the stored
+    weight) and ``weight`` becomes an empty placeholder, so the layer never holds two copies;
+    ``state_dict()`` unpacks it and gives back the stored format bit for bit, and :meth:`stored_weight` returns it.
+    Replacing or loading ``weight`` again (``load_state_dict``, transformers' loaders, ``module.weight = ...``)
+    makes the stored format authoritative again. The per-group scale table the int4 kernel needs is the buffer
+    ``scale_table`` (3-6 % of the int4 weight bytes); both buffers count in ``get_memory_footprint()``.
+    """
+
+    def __init__(self, in_features, out_features, bits, bias=False, dtype=torch.float16, device=None):
+        super().__init__()
+        _check_bits(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"int4 quantization packs two columns per byte, so in_features must be even; "
+                             f"got in_features={in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_bit_width = bits
+        self.weight = torch.nn.Parameter(
+            torch.empty(out_features, in_features * bits // 8, dtype=torch.int8, device=device), requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(
+            torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("packed_weight", None, persistent=False)
+        self.register_buffer("scale_table", None, persistent=False)
+        self._scale_table_key = None
+        self._last_backend = None
+
+    # -- construction -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, bits: int) -> "QuantizedLinear":
+        _check_bits(bits)
+        weight = linear.weight
+        bias = linear.bias
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bits, bias=bias is not None, dtype=weight.dtype, device="meta")
+        if weight.is_meta:
+            return layer.to_empty(device="meta")
+        stored, scale = quantize_weight(weight.detach(), bits)
+        layer.weight = torch.nn.Parameter(stored, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.weight_bit_width}, bias={self.bias is not None}")
+
+    # -- stored format <-> CPU int4 layout ----------------------------------------------------------------------------
+    def _expected_weight_shape(self):
+        return (self.out_features, self.in_features * self.weight_bit_width // 8)
+
+    def _is_packed(self):
+        """True while the weight lives (only) in ``packed_weight``. A ``weight`` that is no longer the empty
+        placeholder was put there from outside (a load), so it wins and the packed copy is dropped."""
+        if self.packed_weight is None:
+            return False
+        if self.weight is not None and self.weight.numel() != 0:
+            self.packed_weight = None
+            return False
+        return True
+
+    def stored_weight(self) -> torch.Tensor:
+        """The weight in the published storage format, whatever layout is resident."""
+        if self._is_packed():
+            return _cpu_int4_unpack(self.packed_weight.cpu(), self.out_features, self.in_features).to(
+                self.packed_weight.device)
+        return self.weight
+
+    def _unpack_to_stored(self):
+        if self._is_packed():
+            stored = self.stored_weight()
+            self.packed_weight = None
+            self.weight = torch.nn.Parameter(stored, requires_grad=False)
+
+    def _pack_cpu_int4(self):
+        packed = _cpu_int4_pack(self.weight.detach())
+        self.packed_weight = packed
+        placeholder = torch.empty(0, dtype=torch.int8, device=self.weight.device)
+        self.weight = torch.nn.Parameter(placeholder, requires_grad=False)
+
+    def _scale_table_for(self, dtype):
+        """[K/group, N, 2] (scale, zero=0) table in ``dtype`` for the int4 CPU kernel; rebuilt if the scale changes."""
+        scale = self.weight_scale
+        key = (scale.data_ptr(), scale._version, scale.dtype, dtype)
+        if self.scale_table is None or self._scale_table_key != key or self.scale_table.dtype != dtype:
+            groups = self.in_features // _int4_group_size(self.in_features)
+            s = scale.detach().to(dtype)
+            table = torch.stack((s[None, :].expand(groups, -1), torch.zeros_like(s)[None, :].expand(groups, -1)), -1)
+            self.scale_table = table.contiguous()
+            self._scale_table_key = key
+        return self.scale_table
+
+    # -- nn.Module hooks ----------------------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._is_packed():
+            destination[prefix + "weight"] = self.stored_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            check_quantized_weight(prefix + "weight", state_dict[key], self.out_features, self.in_features,
+                                   self.weight_bit_width)
+            # The incoming stored weight replaces whatever layout is resident.
+            self.packed_weight = None
+            self.scale_table = None
+            if self.weight is None or tuple(self.weight.shape) != self._expected_weight_shape():
+                self.weight = torch.nn.Parameter(
+                    torch.empty(self._expected_weight_shape(), dtype=torch.int8, device=self.weight_scale.device),
+                    requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving to another device: go back to the stored format (the CPU layout means nothing elsewhere).
+        if self._is_packed():
+            probe = fn(torch.empty(0, dtype=torch.int8, device=self.packed_weight.device))
+            if probe.device != self.packed_weight.device:
+                self._unpack_to_stored()
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- compute ------------------------------------------------------------------------------------------------------
+    def backend_for(self, device=None, dtype=None) -> str:
+        """The backend a forward with inputs on ``device`` in ``dtype`` would use (default: this layer's)."""
+        device = torch.device(device) if device is not None else self.weight_scale.device
+        dtype = dtype or self.weight_scale.dtype
+        return _select_backend(self, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        backend = _select_backend(self, x.device, x.dtype)
+        if backend in CPU_BACKENDS and torch.is_grad_enabled() and x.requires_grad:
+            backend = "torch-dequant"  # the packed kernels have no autograd formula
+        self._last_backend = backend
+        lead = x.shape[:-1]
+        scale = self.weight_scale.detach()
+        if backend == "cpu-int8pack":
+            self._unpack_to_stored()
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, scale.to(x.dtype))
+        elif backend == "cpu-int4pack":
+            if not self._is_packed():
+                self._pack_cpu_int4()
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.packed_weight, _int4_group_size(self.in_features), self._scale_table_for(x.dtype))
+        else:
+            self._unpack_to_stored()
+            weight = None
+            if backend in CUDA_BACKENDS and _cuda_kernel_applicable(self.weight, self.weight_bit_width, x.dtype):
+                try:
+                    weight = _cuda_dequantize(_get_launcher(backend), self.weight, scale, self.weight_bit_width,
+                                              x.dtype)
+                except Exception as e:
+                    _launchers[backend] = None  # don't try again
+                    _warn_once(("cuda-failed", backend), "quantization backend %s failed (%s); falling back to "
+                               "torch-dequant.", backend, e)
+            if weight is None:
+                self._last_backend = "torch-dequant" if backend in CUDA_BACKENDS else backend
+                weight = dequantize_weight(self.weight, scale, self.weight_bit_width).to(x.dtype)
+            out = F.linear(x.reshape(-1, self.in_features), weight)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features)
+
+
+def check_quantized_weight(name, tensor, out_features, in_features, bits):
+    """ValueError unless ``tensor`` is a stored weight for a [out_features, in_features] linear at ``bits``."""
+    expected = (out_features, in_features * bits // 8)
+    if tuple(tensor.shape) != expected or tensor.dtype != torch.int8:
+        hint = ""
+        if tensor.is_floating_point():
+            hint = (" It looks like an unquantized checkpoint: load it without quantization_bit and call "
+                    f".quantize({bits}).")
+        elif tensor.dim() == 2 and tensor.shape[0] == out_features:
+            found_bits = {in_features: 8, in_features // 2: 4}.get(tensor.shape[1])
+            if found_bits:
+                hint = f" The checkpoint looks {found_bits}-bit quantized: set quantization_bit={found_bits}."
+        raise ValueError(
+            f"{name}: quantization_bit={bits} expects an int8 tensor of shape {list(expected)} "
+            f"(int{bits} storage of a [{out_features}, {in_features}] weight), but the checkpoint has "
+            f"{tensor.dtype} {list(tensor.shape)}.{hint}")
+
+
+def check_quantized_state_dict(module: torch.nn.Module, state_dict_shapes, prefix=""):
+    """Check checkpoint tensor shapes against every QuantizedLinear under ``module``, before any weight is loaded.
+
+    ``state_dict_shapes`` maps checkpoint keys to tensors or to ``(shape, dtype)`` pairs (e.g. read from safetensors
+    headers). Raises a ValueError naming the expected and found shape at the first mismatch."""
+    for name, sub in module.named_modules():
+        if not isinstance(sub, QuantizedLinear):
+            continue
+        key = f"{prefix}{name}.weight"
+        if key not in state_dict_shapes:
+            continue
+        value = state_dict_shapes[key]
+        if not isinstance(value, torch.Tensor):
+            shape, dtype = value
+            value = torch.empty(shape, dtype=dtype, device="meta")
+        check_quantized_weight(key, value, sub.out_features, sub.in_features, sub.weight_bit_width)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole-model helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def _block_linear_slots(module: torch.nn.Module):
+    """(parent, attribute name) of every block linear under ``module``, in module order."""
+    for _, parent in module.named_modules():
+        for child_name, names in QUANTIZED_LINEARS.items():
+            child = getattr(parent, child_name, None)
+            if not isinstance(child, torch.nn.Module) or child_name not in parent._modules:
+                continue
+            for name in names:
+                if name in child._modules:
+                    yield child, name
+
+
+def quantize_model(module: torch.nn.Module, bits: int) -> torch.nn.Module:
+    """Replace, in place, the four block linears of every block under ``module`` with QuantizedLinear.
+
+    Layers are converted one at a time and the float module is dropped as soon as it is replaced, so the peak
+    memory is the float model plus one layer's temporaries (if nothing else holds the float weights)."""
+    _check_bits(bits)
+    slots = list(_block_linear_slots(module))
+    for parent, name in slots:
+        linear = parent._modules[name]
+        if isinstance(linear, QuantizedLinear):
+            if linear.weight_bit_width != bits:
+                raise ValueError(f"layer already quantized to {linear.weight_bit_width} bits, cannot requantize "
+                                 f"to {bits}")
+            continue
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        with torch.no_grad():
+            parent._modules[name] = QuantizedLinear.from_linear(linear, bits)
+        del linear
+    return module
+
+
+def quantization_backend(model_or_module: Optional[torch.nn.Module] = None) -> str:
+    """Which compute backend runs the quantized linears.
+
+    With a model: what each QuantizedLinear under it uses for inputs on its device in its dtype (several names
+    joined by ``+`` if layers differ; ``"none"`` if nothing is quantized). Without: what an automatic choice gives
+    for a bf16 layer on CUDA (if available) or the CPU, honouring :func:`set_quantization_backend`."""
+    if model_or_module is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        probe = QuantizedLinear(4096, 4096, 8, dtype=torch.bfloat16, device="meta")
+        return _select_backend(probe, device, torch.bfloat16)
+    names = []
+    for sub in model_or_module.modules():
+        if isinstance(sub, QuantizedLinear):
+            name = sub.backend_for()
+            if name not in names:
+                names.append(name)
+    return "+".join(names) if names else "none"
