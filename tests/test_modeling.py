@@ -289,3 +289,125 @@ def test_published_bin_shards_load_without_warnings(tmp_path, caplog):
     assert model.transformer.output_layer.weight.dtype == torch.float16
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input and configuration errors (issue: clear ValueError before heavy work)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_out_of_vocab_ids_raise_value_error(tiny_model):
+    vocab = TINY_CONFIG["padded_vocab_size"]
+    with pytest.raises(ValueError, match=rf"{vocab}\b.*\[0, {vocab}\)"):
+        tiny_model(input_ids=torch.tensor([[1, 2, vocab]]))
+    with pytest.raises(ValueError, match=r"-3"):
+        tiny_model(input_ids=torch.tensor([[1, -3, 2]]))
+    with pytest.raises(ValueError, match="integer"):
+        tiny_model(input_ids=torch.tensor([[1.0, 2.0]]))
+
+
+def test_mismatched_shapes_raise_value_error(tiny_model):
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        tiny_model(input_ids=ids, attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        tiny_model(input_ids=ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_ids"):
+        tiny_model(input_ids=ids, position_ids=torch.arange(5)[None])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(num_attention_heads=6, multi_query_group_num=4), "divisible"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(num_layers=-1), "num_layers"),
+    (dict(quantization_bit=3), "quantization_bit"),
+    (dict(kv_channels=7), "kv_channels"),
+    (dict(pre_seq_len=0), "pre_seq_len"),
+])
+def test_invalid_config_raises(tmp_path, overrides, match):
+    from transformers import AutoConfig
+    from conftest import write_code, write_config
+    write_code(tmp_path)
+    write_config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=match):
+        AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_positions_beyond_seq_length_work_with_one_warning(tmp_path, caplog):
+    import logging
+    folder = make_model_dir(tmp_path, seq_length=8)
+    model = load_model(folder)
+    ids = torch.arange(1, 13)[None]  # 12 tokens > seq_length 8
+    caplog.set_level(logging.WARNING)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        model(input_ids=ids)
+    assert torch.isfinite(full).all()
+    assert sum("beyond config.seq_length" in r.getMessage() for r in caplog.records) <= 1
+    # rotary really is computed for positions past the table: equal to a model with a long seq_length
+    long_model = load_model(folder, seq_length=4096)
+    with torch.no_grad():
+        torch.testing.assert_close(long_model(input_ids=ids).logits, full)
+
+
+def test_save_pretrained_copies_remote_code(tiny_model, tmp_path):
+    import subprocess
+    import sys
+    tiny_model.save_pretrained(tmp_path / "saved")
+    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py"):
+        assert (tmp_path / "saved" / name).exists(), name
+    cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
+    assert cfg["architectures"]  # written by transformers
+    code = (
+        "import torch, transformers, sys\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "print(m(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().item())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "saved")], capture_output=True, text=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with torch.no_grad():
+        expected = tiny_model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().item()
+    assert abs(float(out.stdout.strip().splitlines()[-1]) - expected) < 1e-3
+
+
+def test_gradient_checkpointing_gives_same_gradients(tmp_path):
+    folder = make_model_dir(tmp_path)
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(folder).train()
+        if checkpointing:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model.gradient_checkpointing_enable()
+            assert model.transformer.encoder.gradient_checkpointing
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads.append(model.transformer.encoder.layers[0].self_attention.query_key_value.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_sequence_classification_pools_last_real_token(tmp_path):
+    folder = make_model_dir(tmp_path, num_labels=3)
+    model = load_model(folder, cls="AutoModelForSequenceClassification")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).logits
+        for row in range(3):
+            start = int((mask[row] == 0).sum())
+            single = model(input_ids=ids[row:row + 1, start:]).logits
+            torch.testing.assert_close(batch[row], single[0], atol=1e-5, rtol=0)
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    assert out.loss.dtype == torch.float32
+    bf16 = model.to(torch.bfloat16)
+    assert bf16.classifier_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert bf16(input_ids=ids, attention_mask=mask).logits.dtype == torch.bfloat16
+
+
+def test_embedding_getters_setters(tiny_model):
+    emb = tiny_model.get_input_embeddings()
+    assert emb is tiny_model.transformer.embedding.word_embeddings
+    assert tiny_model.get_output_embeddings() is tiny_model.transformer.output_layer
+    assert tiny_model.transformer.get_input_embeddings() is emb
