@@ -609,10 +609,11 @@ STOP_ROLES = ("<|user|>", "<|observation|>")
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """If a step's scores contain NaN/Inf, replace them by a distribution that picks token 5 (as published)."""
+    """If a step's scores are broken (NaN, +Inf, or nothing finite left), replace them by a distribution that
+    picks token 5, as published. -Inf alone is normal: top-k/top-p and user processors use it to ban tokens."""
 
     def __call__(self, input_ids, scores):
-        if not torch.isfinite(scores).all():
+        if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any(-1).all():
             scores = torch.zeros_like(scores)
             scores[..., 5] = 5e4
         return scores
@@ -743,7 +744,7 @@ class ChatMixin:
 
         def run():
             try:
-                result["ids"] = self.generate(**inputs, **gen, past_key_values=cache, streamer=streamer)
+                result["ids"] = self.generate(**inputs, **gen, **{_CACHE_FIELD: cache}, streamer=streamer)
             except BaseException as exc:  # surfaced in the consuming thread
                 result["error"] = exc
             finally:
