@@ -587,25 +587,28 @@ class QuantizedLinear(torch.nn.Module):
         dtype = dtype or self.weight_scale.dtype
         return _select_backend(self, device, dtype)
 
+    def _packed_matmul(self, x2, backend):
+        if backend == "cpu-int8pack":
+            self._unpack_to_stored()
+            return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale.detach().to(x2.dtype))
+        if not self._is_packed():
+            self._pack_cpu_int4()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed_weight, _int4_group_size(self.in_features), self._scale_table_for(x2.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         backend = _select_backend(self, x.device, x.dtype)
-        if backend in CPU_BACKENDS and torch.is_grad_enabled() and x.requires_grad:
-            backend = "torch-dequant"  # the packed kernels have no autograd formula
         self._last_backend = backend
         lead = x.shape[:-1]
         scale = self.weight_scale.detach()
-        if backend == "cpu-int8pack":
-            self._unpack_to_stored()
+        if backend in CPU_BACKENDS:
             x2 = x.reshape(-1, self.in_features).contiguous()
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, scale.to(x.dtype))
-        elif backend == "cpu-int4pack":
-            if not self._is_packed():
-                self._pack_cpu_int4()
-            x2 = x.reshape(-1, self.in_features).contiguous()
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.packed_weight, _int4_group_size(self.in_features), self._scale_table_for(x.dtype))
+            if torch.is_grad_enabled() and x.requires_grad:
+                out = _PackedMatmul.apply(x2, self, backend)  # the packed kernels have no autograd formula
+            else:
+                out = self._packed_matmul(x2, backend)
         else:
             self._unpack_to_stored()
             weight = None
@@ -624,6 +627,21 @@ class QuantizedLinear(torch.nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*lead, self.out_features)
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """Packed-kernel forward; backward w.r.t. the input through the dequantized weight (the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x2, layer, backend):
+        ctx.layer = layer
+        return layer._packed_matmul(x2, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer = ctx.layer
+        weight = dequantize_weight(layer.stored_weight(), layer.weight_scale.detach(), layer.weight_bit_width)
+        return grad_out @ weight.to(grad_out.dtype), None, None
 
 
 def check_quantized_weight(name, tensor, out_features, in_features, bits):
@@ -662,6 +680,45 @@ def check_quantized_state_dict(module: torch.nn.Module, state_dict_shapes, prefi
         check_quantized_weight(key, value, sub.out_features, sub.in_features, sub.weight_bit_width)
 
 
+def check_quantized_load(model: torch.nn.Module, loading_info) -> None:
+    """After ``from_pretrained(..., output_loading_info=True, ignore_mismatched_sizes=True)``: raise a ValueError
+    if a quantized layer's checkpoint tensors did not fit (``config.quantization_bit`` does not match the
+    checkpoint) or its ``weight_scale`` was missing (an unquantized checkpoint loaded with ``quantization_bit``
+    set: transformers would otherwise cast the float weight to int8 silently and leave the scales uninitialised).
+
+    Works with the loading-info dicts of transformers 4.30 to 5.x (``mismatched_keys`` as (key, found, expected)
+    tuples, ``missing_keys`` as names)."""
+    info = loading_info if isinstance(loading_info, dict) else vars(loading_info)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        return
+    for entry in info.get("mismatched_keys") or ():
+        if isinstance(entry, str):  # transformers 4.5x lists only the names
+            key, found = entry, None
+        else:
+            key, found = entry[0], tuple(entry[1])
+        module_name, _, param = key.rpartition(".")
+        layer = layers.get(module_name)
+        if layer is None:
+            continue
+        expected = layer._expected_weight_shape() if param == "weight" else (layer.out_features,)
+        if param == "weight" and found is not None:
+            check_quantized_weight(key, torch.empty(found, dtype=torch.int8, device="meta"), layer.out_features,
+                                   layer.in_features, layer.weight_bit_width)
+        raise ValueError(f"{key}: quantization_bit={layer.weight_bit_width} expects shape {list(expected)}, but the "
+                         f"checkpoint's tensor has {list(found) if found is not None else 'another shape'}; "
+                         f"check config.quantization_bit.")
+    for key in info.get("missing_keys") or ():
+        module_name, _, param = key.rpartition(".")
+        layer = layers.get(module_name)
+        if layer is not None and param in ("weight", "weight_scale"):
+            raise ValueError(
+                f"{key} is missing from the checkpoint, but config.quantization_bit={layer.weight_bit_width} says "
+                f"the checkpoint is quantized (expected int8 weight {list(layer._expected_weight_shape())} and "
+                f"weight_scale [{layer.out_features}]). For an unquantized checkpoint, load it without "
+                f"quantization_bit and call .quantize({layer.weight_bit_width}).")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Whole-model helpers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -684,6 +741,14 @@ def quantize_model(module: torch.nn.Module, bits: int) -> torch.nn.Module:
     memory is the float model plus one layer's temporaries (if nothing else holds the float weights)."""
     _check_bits(bits)
     slots = list(_block_linear_slots(module))
+    # Validate everything first, so that a bad width leaves the model untouched.
+    for parent, name in slots:
+        layer = parent._modules[name]
+        if isinstance(layer, QuantizedLinear) and layer.weight_bit_width != bits:
+            raise ValueError(f"layer already quantized to {layer.weight_bit_width} bits, cannot requantize to {bits}")
+        if isinstance(layer, torch.nn.Linear) and bits == 4 and layer.in_features % 2:
+            raise ValueError(f"int4 quantization packs two columns per byte, so in_features must be even; "
+                             f"{name} has in_features={layer.in_features}")
     for parent, name in slots:
         linear = parent._modules[name]
         if isinstance(linear, QuantizedLinear):

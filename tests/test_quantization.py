@@ -1,0 +1,524 @@
+"""Weight-only int8/int4 quantization: storage format (bit-exact against a reference packer), compute backends,
+QuantizedLinear life cycle (pack once, state_dict, load, device moves), model-level accuracy, save/load round
+trips, checkpoints in the original's layout, error messages, and memory."""
+import ast
+import copy
+import io
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, load_model, make_model_dir, write_code, write_config
+from quant_helpers import (block_linears, load_quantization_module, quantization_module_of, reference_pack_int4,
+                           reference_quantize, reference_unpack_int4)
+
+Q = load_quantization_module()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_BACKEND_FOR_BITS = {8: "cpu-int8pack", 4: "cpu-int4pack"}
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    Q.set_quantization_backend(None)
+    yield
+    Q.set_quantization_backend(None)
+
+
+def _weight(out, inp, dtype, seed=0, zero_rows=(1,)):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out, inp, generator=gen) * 0.05).to(dtype)
+    for r in zero_rows:
+        w[r] = 0
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Storage format
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_stored_format_matches_reference_packer(dtype, bits):
+    w = _weight(48, 96, dtype)
+    q_ref, stored_ref, scale_ref = reference_quantize(w, bits)
+    stored, scale = Q.quantize_weight(w, bits)
+    assert stored.dtype == torch.int8 and scale.dtype == dtype
+    assert stored.shape == (48, 96 if bits == 8 else 48) and scale.shape == (48,)
+    assert torch.equal(stored, stored_ref)
+    assert torch.equal(scale, scale_ref)
+    # dequantize == q * scale exactly, with q read back by the reference unpacker
+    q_back = stored if bits == 8 else reference_unpack_int4(stored)
+    assert torch.equal(q_back, q_ref)
+    assert torch.equal(Q.dequantize_weight(stored, scale, bits), q_ref.to(dtype) * scale[:, None])
+
+
+def test_int4_nibble_order_and_sign():
+    q = torch.tensor([[-8, 7, -1, 0, 3, -5]], dtype=torch.int8)
+    packed = Q.pack_int4(q)
+    # element 2j -> high nibble, 2j+1 -> low nibble, two's complement
+    assert packed.view(torch.uint8).tolist() == [[0x87, 0xF0, 0x3B]]
+    assert torch.equal(packed, reference_pack_int4(q))
+    assert torch.equal(Q.unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_all_zero_rows_dequantize_to_zero(bits):
+    w = torch.zeros(16, 32)
+    w[3, 5] = 1.5
+    stored, scale = Q.quantize_weight(w, bits)
+    deq = Q.dequantize_weight(stored, scale, bits)
+    assert not torch.isnan(deq).any()
+    assert torch.equal(deq[torch.arange(16) != 3], torch.zeros(15, 32))
+    layer = Q.QuantizedLinear.from_linear(torch.nn.Linear(32, 16, bias=False), bits)
+    with torch.no_grad():
+        layer.weight.copy_(stored)
+        layer.weight_scale.copy_(scale)
+        out = layer(torch.randn(2, 32))
+    assert torch.isfinite(out).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="in_features must be even"):
+        Q.quantize_weight(torch.randn(4, 5), 4)
+    with pytest.raises(ValueError, match="in_features must be even"):
+        Q.QuantizedLinear(5, 4, 4)
+    with pytest.raises(ValueError, match="in_features must be even"):
+        Q.QuantizedLinear.from_linear(torch.nn.Linear(7, 4), 4)
+    for bits in (3, 0, 16, True):
+        with pytest.raises(ValueError, match="4 or 8"):
+            Q.quantize_weight(torch.randn(4, 8), bits)
+    with pytest.raises(ValueError, match="unknown quantization backend"):
+        Q.set_quantization_backend("cuda-magic")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# QuantizedLinear and the backends
+# ---------------------------------------------------------------------------------------------------------------------
+def _layer(bits, dtype, out=192, inp=96, bias=True, seed=0):
+    lin = torch.nn.Linear(inp, out, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(out, inp, torch.float32, seed))
+    lin = lin.to(dtype)
+    return lin, Q.QuantizedLinear.from_linear(lin, bits)
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+@pytest.mark.parametrize("backend", ("auto", "torch-dequant", "cpu"))
+def test_quantized_linear_matches_dequantized_linear(dtype, bits, backend):
+    lin, layer = _layer(bits, dtype)
+    Q.set_quantization_backend(CPU_BACKEND_FOR_BITS[bits] if backend == "cpu" else backend)
+    expected_backend = "torch-dequant" if backend == "torch-dequant" else CPU_BACKEND_FOR_BITS[bits]
+    assert layer.backend_for() == expected_backend
+    assert Q.quantization_backend(layer) == expected_backend
+    deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
+    x = torch.randn(3, 5, 96).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+    assert layer._last_backend == expected_backend
+    assert out.shape == (3, 5, 192) and out.dtype == dtype
+    reference = F.linear(x.float(), deq.float(), lin.bias.float())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert _rel_err(out, reference) < tol
+
+
+def test_forced_backend_that_cannot_run_falls_back():
+    _, layer = _layer(8, torch.float32)
+    Q.set_quantization_backend("cpu-int4pack")  # wrong bit width for this layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert layer.backend_for() == "torch-dequant"
+        layer(torch.randn(2, 96))
+    Q.set_quantization_backend("cuda-cpm_kernels")
+    assert layer.backend_for() == "torch-dequant"  # CPU tensors
+
+
+def test_shapes_the_cpu_kernels_cannot_take_use_torch_dequant():
+    # _weight_int8pack_mm needs in_features % 16 == 0 (wrong results / crashes otherwise);
+    # the int4 kernel needs out_features % 16 == 0 and in_features % 32 == 0.
+    for bits, out, inp in ((8, 32, 40), (4, 40, 64), (4, 32, 48)):
+        lin, layer = _layer(bits, torch.float32, out=out, inp=inp)
+        assert layer.backend_for() == "torch-dequant"
+        x = torch.randn(2, inp)
+        deq = Q.dequantize_weight(layer.weight, layer.weight_scale, bits)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, deq, lin.bias))
+
+
+def test_int4_cpu_layout_packed_once_and_state_dict_gives_back_stored_format():
+    _, layer = _layer(4, torch.bfloat16)
+    stored = layer.weight.detach().clone()
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer(x)
+    assert layer.packed_weight is not None and layer.weight.numel() == 0  # one resident copy
+    packed = layer.packed_weight
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    assert layer.packed_weight is packed  # not repacked per call
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias"}  # runtime buffers are not persistent
+    assert torch.equal(sd["weight"], stored)
+    assert torch.equal(layer.stored_weight(), stored)
+    # chunked packing equals packing in one go
+    old = Q._PACK_CHUNK_ROWS
+    try:
+        Q._PACK_CHUNK_ROWS = 64
+        assert torch.equal(Q._cpu_int4_pack(stored), packed)
+    finally:
+        Q._PACK_CHUNK_ROWS = old
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_quantized_linear_life_cycle(bits):
+    _, layer = _layer(bits, torch.float32)
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        expected = layer(x)  # packs (int4)
+    stored = layer.state_dict()["weight"].clone()
+
+    # deepcopy / pickle keep working
+    assert torch.equal(copy.deepcopy(layer)(x), expected)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), expected)
+
+    # an empty layer built on meta (as transformers does), then loaded
+    fresh = Q.QuantizedLinear(96, 192, bits, bias=True, dtype=torch.float32, device="meta").to_empty(device="cpu")
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), expected)
+
+    # loading / assigning a stored weight into a packed layer replaces the packed copy
+    other_lin, other = _layer(bits, torch.float32, seed=1)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+    layer.weight = torch.nn.Parameter(stored.clone(), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(fresh.weight_scale.clone(), requires_grad=False)
+    layer.bias = torch.nn.Parameter(fresh.bias.clone(), requires_grad=False)
+    assert torch.equal(layer(x), expected)
+
+    # dtype moves keep the layout; device moves go back to the stored format
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    assert torch.equal(half.state_dict()["weight"], stored)
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+    meta = copy.deepcopy(layer).to("meta")
+    assert tuple(meta.weight.shape) == tuple(stored.shape) and meta.packed_weight is None
+
+
+def test_load_state_dict_rejects_wrong_shapes_and_float_weights():
+    layer = Q.QuantizedLinear(64, 32, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"expects an int8 tensor of shape \[32, 32\].*int8 \[32, 64\].*8-bit"):
+        layer.load_state_dict({"weight": torch.zeros(32, 64, dtype=torch.int8), "weight_scale": torch.zeros(32)})
+    layer8 = Q.QuantizedLinear(64, 32, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unquantized checkpoint"):
+        layer8.load_state_dict({"weight": torch.zeros(32, 64), "weight_scale": torch.zeros(32)})
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_gradient_flows_to_the_input(bits):
+    _, layer = _layer(bits, torch.float32)
+    x = torch.randn(3, 96, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer._last_backend == CPU_BACKEND_FOR_BITS[bits]
+    deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
+    torch.testing.assert_close(x.grad, deq.sum(0).expand(3, -1))
+
+
+def test_meta_construction_and_from_linear_on_meta():
+    layer = Q.QuantizedLinear(64, 32, 4, bias=True, dtype=torch.bfloat16, device="meta")
+    assert layer.weight.shape == (32, 32) and layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
+    assert layer.weight_scale.dtype == torch.bfloat16 and layer.bias.shape == (32,)
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+    with torch.device("meta"):
+        lin = torch.nn.Linear(64, 32)
+    assert Q.QuantizedLinear.from_linear(lin, 8).weight.is_meta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA: graceful without it; bit-exact kernels with it
+# ---------------------------------------------------------------------------------------------------------------------
+def test_cpm_kernels_is_imported_lazily_only():
+    tree = ast.parse((REPO / "quantization.py").read_text())
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not any("cpm_kernels" in n for n in names), "cpm_kernels must not be imported at module level"
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "assert 'cpm_kernels' not in sys.modules; print(m.quantization_backend())")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "quantization.py")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = "cuda-cpm_kernels cuda-nvrtc torch-dequant" if torch.cuda.is_available() else "cpu-int8pack"
+    assert out.stdout.strip().splitlines()[-1] in expected.split()
+
+
+def test_cuda_launchers_fail_gracefully_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    for name in Q.CUDA_BACKENDS:
+        Q._launchers.pop(name, None)
+        assert Q._get_launcher(name) is None  # no exception
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("launcher", Q.CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cuda_kernels_bit_exact(launcher, dtype, bits):
+    run = Q._get_launcher(launcher)
+    if run is None:
+        pytest.skip(f"{launcher} unavailable here")
+    w = _weight(4608 // 8, 1024, torch.float32, zero_rows=(0, 7)).to(dtype).cuda()
+    stored, scale = Q.quantize_weight(w, bits)
+    got = Q._cuda_dequantize(run, stored, scale, bits, dtype)
+    torch.cuda.synchronize()
+    assert torch.equal(got, Q.dequantize_weight(stored, scale, bits))
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cuda_layer_matches_torch_dequant(bits):
+    lin, layer = _layer(bits, torch.float16)
+    layer = layer.cuda()
+    x = torch.randn(2, 7, 96, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        auto = layer(x)
+        Q.set_quantization_backend("torch-dequant")
+        plain = layer(x)
+    assert torch.equal(auto, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model level (tiny random ChatGLM3 through the remote-code path)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("qfloat"), seed=3)
+
+
+def _quiet_load(folder, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_model(folder, **kwargs)
+
+
+def _dequantized_float_model(float_dir, quantized):
+    """The float model with every quantized weight replaced by its exact dequantization."""
+    ref = _quiet_load(float_dir)
+    qmod = quantization_module_of(quantized)
+    q_layers = block_linears(quantized)
+    with torch.no_grad():
+        for name, lin in block_linears(ref).items():
+            ql = q_layers[name]
+            lin.weight.copy_(qmod.dequantize_weight(ql.stored_weight(), ql.weight_scale, ql.weight_bit_width))
+    return ref
+
+
+def _ids(n=12, seed=0):
+    return torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_model_logits_match_dequantized_float_model_for_every_cpu_backend(float_dir, bits):
+    model = _quiet_load(float_dir).quantize(bits)
+    assert model.config.quantization_bit == bits
+    assert all(type(m).__name__ == "QuantizedLinear" for m in block_linears(model).values())
+    assert type(model.transformer.output_layer).__name__ == "Linear"  # not quantized
+    qmod = quantization_module_of(model)
+    ref = _dequantized_float_model(float_dir, model)
+    ids = _ids()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        try:
+            for backend in ("auto", CPU_BACKEND_FOR_BITS[bits], "torch-dequant"):
+                qmod.set_quantization_backend(backend)
+                want = "torch-dequant" if backend == "torch-dequant" else CPU_BACKEND_FOR_BITS[bits]
+                assert qmod.quantization_backend(model) == want
+                got = model(ids).logits
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        finally:
+            qmod.set_quantization_backend(None)
+
+
+def test_int8_greedy_decoding_mostly_agrees_with_float(float_dir):
+    fp = _quiet_load(float_dir)
+    q8 = _quiet_load(float_dir).quantize(8)
+    prompt = _ids(6, seed=5)[:1]
+    with torch.no_grad():
+        a = fp.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+        b = q8.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    agree = (a[0, 6:] == b[0, 6:]).float().mean().item()
+    assert agree >= 0.6, (a, b)
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_save_load_round_trip(float_dir, tmp_path, bits):
+    model = _quiet_load(float_dir).quantize(bits)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits  # int4: packs the CPU layout first; the saved file must still be the stored one
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+    write_code(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_bit"] == bits
+    loaded = _quiet_load(tmp_path)  # AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)
+    assert loaded.config.quantization_bit == bits
+    sd = loaded.state_dict()
+    for name, lin in block_linears(loaded).items():
+        assert type(lin).__name__ == "QuantizedLinear"
+        for p in ("weight", "weight_scale"):
+            assert torch.equal(sd[f"{name}.{p}"], stored[f"{name}.{p}"]), name
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def _write_original_layout_checkpoint(folder, float_dir):
+    """A checkpoint as the original code writes it: fp16 everywhere, int4 packed weights [out, in/2] (int8) and
+    fp16 weight_scale, config quantization_bit=4, in a pytorch_model.bin."""
+    float_model = _quiet_load(float_dir)
+    sd = {}
+    for key, value in float_model.state_dict().items():
+        sd[key] = value.half() if value.is_floating_point() else value
+    for name in block_linears(float_model):
+        w = sd.pop(f"{name}.weight")
+        _, stored, scale = reference_quantize(w, 4)
+        sd[f"{name}.weight"] = stored
+        sd[f"{name}.weight_scale"] = scale
+    write_code(folder)
+    write_config(folder, quantization_bit=4, torch_dtype="float16")
+    torch.save(sd, Path(folder) / "pytorch_model.bin")
+    return sd
+
+
+def test_original_layout_int4_checkpoint_loads(float_dir, tmp_path):
+    sd = _write_original_layout_checkpoint(tmp_path, float_dir)
+    model = _quiet_load(tmp_path, torch_dtype=torch.float32)
+    assert model.config.quantization_bit == 4
+    loaded = model.state_dict()
+    for name in block_linears(model):
+        assert torch.equal(loaded[f"{name}.weight"], sd[f"{name}.weight"])
+        assert torch.equal(loaded[f"{name}.weight_scale"], sd[f"{name}.weight_scale"].float())
+    with torch.no_grad():
+        logits = model(_ids()).logits
+    assert torch.isfinite(logits).all()
+    # reference: the float model holding the same (fp16-rounded) tensors, block weights dequantized
+    ref = _dequantized_float_model(float_dir, model)
+    with torch.no_grad():
+        for key, value in ref.state_dict().items():
+            if not any(key.startswith(name + ".") for name in block_linears(ref)) or key.endswith(".bias"):
+                value.copy_(sd[key].float())
+        torch.testing.assert_close(logits, ref(_ids()).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_rejects_bad_bits(float_dir):
+    model = _quiet_load(float_dir)
+    for bits in (3, 16, 1):
+        with pytest.raises(ValueError):
+            model.quantize(bits)
+
+
+def test_odd_input_width_int4_is_a_value_error(tmp_path):
+    # hidden 64 / ffn 95: dense_4h_to_h has in_features 95
+    folder = make_model_dir(tmp_path / "odd", ffn_hidden_size=95)
+    model = _quiet_load(folder)
+    with pytest.raises(ValueError, match="in_features must be even"):
+        model.quantize(4)
+    assert not any(type(m).__name__ == "QuantizedLinear" for m in block_linears(model).values())  # untouched
+    assert not model.config.quantization_bit
+    model.quantize(8)  # int8 is fine with any width
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids()).logits).all()
+
+
+@pytest.fixture(scope="module")
+def int8_dir(float_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q8")
+    model = _quiet_load(float_dir).quantize(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    write_code(folder)
+    return folder
+
+
+def _set_bits(folder, bits):
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg["quantization_bit"] = bits
+    (Path(folder) / "config.json").write_text(json.dumps(cfg))
+
+
+def _load_checked(folder):
+    """from_pretrained plus quantization.check_quantized_load on the loading info."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoModelForCausalLM
+
+        model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    quantization_module_of(model).check_quantized_load(model, info)
+    return model
+
+
+def test_config_bits_not_matching_checkpoint_is_a_value_error(int8_dir, float_dir, tmp_path):
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(int8_dir, wrong)
+    _set_bits(wrong, 4)
+    with pytest.raises(ValueError, match=r"quantization_bit=4 expects .*shape \[128, 32\]"):
+        _load_checked(wrong)
+    unquantized = tmp_path / "float"
+    shutil.copytree(float_dir, unquantized)
+    _set_bits(unquantized, 8)
+    with pytest.raises(ValueError, match="quantization_bit=8"):
+        _load_checked(unquantized)
+
+
+@pytest.mark.xfail(
+    "check_quantized_load" not in (REPO / "modeling_chatglm.py").read_text(),
+    reason="modeling_chatglm.from_pretrained does not call quantization.check_quantized_load yet", strict=False)
+def test_plain_from_pretrained_with_wrong_bits_is_a_value_error(int8_dir, tmp_path):
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(int8_dir, wrong)
+    _set_bits(wrong, 4)
+    with pytest.raises(ValueError, match="quantization_bit=4"):
+        _quiet_load(wrong)
+
+
+@pytest.mark.parametrize("bits,limit", ((8, 0.52), (4, 0.27)))
+def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
+    folder = make_model_dir(tmp_path / "mem", num_layers=1, hidden_size=512, ffn_hidden_size=1024,
+                            num_attention_heads=8, kv_channels=64, torch_dtype="bfloat16")
+    model = _quiet_load(folder, torch_dtype=torch.bfloat16)
+
+    def resident(module):
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+    float_bytes = sum(resident(m) for m in block_linears(model).values())
+    footprint_before = model.get_memory_footprint()
+    model.quantize(bits)
+    with torch.no_grad():
+        model(_ids())  # int4: repacked for the CPU kernel, still one copy
+    quant_bytes = sum(resident(m) for m in block_linears(model).values())
+    assert quant_bytes / float_bytes < limit
+    assert quant_bytes / float_bytes > (0.5 if bits == 8 else 0.25)
+    # get_memory_footprint sees the packed buffers too
+    assert footprint_before - model.get_memory_footprint() == float_bytes - quant_bytes
