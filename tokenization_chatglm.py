@@ -710,7 +710,7 @@ class _ChatGLMTokenizerMixin:
             if a > b:
                 ra, rb = first + rest // 2, rest - rest // 2
             else:
-                rb, ra = first + rest // 2, rest - rest // 2
+                ra, rb = rest // 2, first + rest - rest // 2
             return cut(ids, ra), cut(pair, rb)
         if strategy == TruncationStrategy.ONLY_SECOND:
             if pair is not None and len(pair) > remove:
@@ -916,8 +916,7 @@ if PreTrainedTokenizerFast is not None:
         def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
             # Only tokenizer.model is written: a tokenizer.json would lack the Python-side rules (dummy prefix,
             # special-token handling) and other tools would tokenize differently with it.
-            return super()._save_pretrained(save_directory, file_names, legacy_format=True,
-                                            filename_prefix=filename_prefix)
+            return tuple(file_names) + tuple(self.save_vocabulary(save_directory, filename_prefix))
 
         # ---- encoding ----
         def _glm_encode_texts(self, texts: List[str]) -> List[List[int]]:
