@@ -923,7 +923,10 @@ if PreTrainedTokenizerFast is not None:
             prepared = [SPACE + t.replace(" ", SPACE) for t in texts]
             backend = self._glm_backend
             if self._glm_native_byte_fallback and hasattr(backend, "encode_batch_fast"):  # no offsets needed
-                return [e.ids if t else [] for e, t in zip(backend.encode_batch_fast(prepared, add_special_tokens=False), texts)]
+                encodings = backend.encode_batch_fast(prepared, add_special_tokens=False)
+                if all(texts):
+                    return [e.ids for e in encodings]
+                return [e.ids if t else [] for e, t in zip(encodings, texts)]
             encodings = backend.encode_batch(prepared, add_special_tokens=False)
             out = [e.ids for e in encodings]
             if not self._glm_native_byte_fallback:  # tokenizers < 0.14: replace <unk> by the char's UTF-8 bytes
@@ -947,8 +950,10 @@ if PreTrainedTokenizerFast is not None:
             if not is_split_into_words and all(type(x) is str for x in inputs):
                 parse = self.encode_special_tokens if encode_special_tokens is None else encode_special_tokens
                 if not parse and self._glm_chat_depth == 0 and len(self) <= self.tokenizer.n_words:
-                    # hot path: plain strings, nothing to split out
-                    return self._glm_encode_texts([_clean_text(x) for x in inputs])
+                    # hot path: plain strings, nothing to split out (one surrogate check for the whole batch)
+                    if _SURROGATE_RE.search("".join(inputs)):
+                        inputs = [_clean_text(x) for x in inputs]
+                    return self._glm_encode_texts(inputs)
             plans = []  # per input: list of (int id) or (index into texts)
             texts: List[str] = []
             for x in inputs:
@@ -1010,7 +1015,16 @@ if PreTrainedTokenizerFast is not None:
             if return_token_type_ids is None:
                 return_token_type_ids = "token_type_ids" in self.model_input_names
             examples = []
-            for a, b in zip(first_ids, pair_ids):
+            simple = (not return_token_type_ids and not return_special_tokens_mask and not any(have_pairs)
+                      and (truncation_strategy == TruncationStrategy.DO_NOT_TRUNCATE or max_length is None))
+            if simple:  # hot path: single sequences, no truncation, no extra outputs
+                if add_special_tokens:
+                    prefix = self.get_prefix_tokens()
+                    first_ids = [prefix + a for a in first_ids]
+                examples = [{"input_ids": a} for a in first_ids]
+                if verbose and first_ids:
+                    self._eventual_warn_about_too_long_sequence(max(first_ids, key=len), max_length, verbose)
+            for a, b in zip(first_ids, pair_ids) if not simple else ():
                 a, b = self._glm_truncate(a, b, truncation_strategy, max_length, add_special_tokens)
                 if add_special_tokens:
                     seq = self.build_inputs_with_special_tokens(a, b)
@@ -1050,7 +1064,10 @@ if PreTrainedTokenizerFast is not None:
         def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs) -> BatchEncoding:
             # transformers 4.x entry point for batches
             split = kwargs.get("is_split_into_words", False)
-            items = [self._glm_as_pair(x, split) for x in batch_text_or_text_pairs]
+            if all(type(x) is str for x in batch_text_or_text_pairs):
+                items = [(x, None) for x in batch_text_or_text_pairs]
+            else:
+                items = [self._glm_as_pair(x, split) for x in batch_text_or_text_pairs]
             return self._glm_encode(items, True, *args, **kwargs)
 
         def _encode_plus(self, text, text_pair=None, *args, **kwargs) -> BatchEncoding:
@@ -1066,6 +1083,8 @@ if PreTrainedTokenizerFast is not None:
                     if not isinstance(text_pair, (list, tuple)) or len(text_pair) != len(text):
                         raise ValueError("ChatGLM tokenizer: text_pair must be a batch as long as text")
                     items = list(zip(text, text_pair))
+                elif all(type(x) is str for x in text):
+                    items = [(x, None) for x in text]
                 else:
                     items = [self._glm_as_pair(x, split) for x in text]
                 return self._glm_encode(items, True, *args, **kwargs)
