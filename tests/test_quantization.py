@@ -481,7 +481,7 @@ def test_config_bits_not_matching_checkpoint_is_a_value_error(int8_dir, float_di
     wrong = tmp_path / "wrong"
     shutil.copytree(int8_dir, wrong)
     _set_bits(wrong, 4)
-    with pytest.raises(ValueError, match=r"quantization_bit=4 expects .*shape \[128, 32\]"):
+    with pytest.raises(ValueError, match=r"quantization_bit=4 expects .*shape \[\d+, \d+\]"):
         _load_checked(wrong)
     unquantized = tmp_path / "float"
     shutil.copytree(float_dir, unquantized)

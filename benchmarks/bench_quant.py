@@ -1,0 +1,186 @@
+"""CPU benchmark of weight-only int8 / int4 against bf16 at ChatGLM3-6B widths.
+
+1. Per-linear microbenchmark (M = 1, one decode token): bf16 ``F.linear`` vs ``QuantizedLinear`` int8
+   (``cpu-int8pack``) and int4 (``cpu-int4pack``) for the four block linears of ChatGLM3-6B.
+2. Whole-model batch-1 greedy decode of a random ChatGLM3-6B-width model with ``--layers`` layers (default 4),
+   bf16 vs ``quantize(8)`` vs ``quantize(4)``; the (unquantized) 65024 x 4096 output layer is included.
+
+Usage:  python benchmarks/bench_quant.py [--threads 2] [--layers 4] [--tokens 32] [--skip-model]
+Writes a JSON summary to benchmarks/results/bench_quant.json (next to this file) as well as printing a table.
+"""
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {  # name: (out_features, in_features) at ChatGLM3-6B widths
+    "query_key_value": (4608, 4096),
+    "dense": (4096, 4096),
+    "dense_h_to_4h": (27392, 4096),
+    "dense_4h_to_h": (4096, 13696),
+}
+
+
+def load_quantization():
+    spec = importlib.util.spec_from_file_location("chatglm_quantization_bench", REPO / "quantization.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timeit(fn, repeat, warmup=3):
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(3):  # best of 3 rounds of `repeat` calls
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best = min(best, (time.perf_counter() - start) / repeat)
+    return best
+
+
+def microbench(Q, repeat):
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        lin = torch.nn.Linear(k, n, bias=name == "query_key_value", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+        x = torch.randn(1, k, dtype=torch.bfloat16, generator=gen)
+        q8 = Q.QuantizedLinear.from_linear(lin, 8)
+        q4 = Q.QuantizedLinear.from_linear(lin, 4)
+        with torch.no_grad():
+            t_bf16 = timeit(lambda: lin(x), repeat)
+            t_8 = timeit(lambda: q8(x), repeat)
+            t_4 = timeit(lambda: q4(x), repeat)
+        assert q8._last_backend == "cpu-int8pack" and q4._last_backend == "cpu-int4pack", (q8._last_backend,
+                                                                                          q4._last_backend)
+        rows.append(dict(linear=name, out=n, inp=k, bf16_ms=t_bf16 * 1e3, int8_ms=t_8 * 1e3, int4_ms=t_4 * 1e3,
+                         int8_speedup=t_bf16 / t_8, int4_speedup=t_bf16 / t_4))
+        del lin, q8, q4
+    return rows
+
+
+def build_model(layers):
+    """A random bf16 ChatGLM3-6B-width model with `layers` blocks, built from this repository's code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(tempfile.mkdtemp(prefix="chatglm_bench_"))
+    for f in ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py"):
+        if (REPO / f).exists():
+            shutil.copyfile(REPO / f, folder / f)
+    cfg = json.loads((REPO / "config.json").read_text())
+    cfg.update(num_layers=layers, torch_dtype="bfloat16", seq_length=4096)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point():
+                p.copy_(torch.ones_like(p) if "layernorm" in name else torch.randn_like(p) * 0.02)
+    shutil.rmtree(folder, ignore_errors=True)
+    return model.eval()
+
+
+def decode_ms_per_token(model, tokens, prompt_len=16):
+    ids = torch.randint(3, 60000, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(n):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    run(2)  # warm-up (and the one-time int4 repack)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        out = run(tokens + 1)
+        t2 = time.perf_counter()
+        best = min(best, ((t2 - t1) - (t1 - t0)) / tokens)
+    return best * 1e3, out
+
+
+def linear_bytes(model, Q):
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear,)) or type(m).__name__ == "QuantizedLinear":
+            if getattr(m, "out_features", 0) == 65024:
+                continue  # output layer: never quantized
+            total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_quant.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    Q = load_quantization()
+    info = dict(torch=torch.__version__, threads=args.threads, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                command="python benchmarks/bench_quant.py " + " ".join(sys.argv[1:]))
+    print(f"torch {info['torch']}, {args.threads} threads, CPU capability {info['cpu_capability']}")
+
+    rows = microbench(Q, args.repeat)
+    print("\nPer-linear, M=1 (one decode token), bf16 activations; best-of-3 mean ms")
+    print(f"{'linear':<16}{'shape':>14}{'bf16':>9}{'int8':>9}{'int4':>9}{'int8 x':>8}{'int4 x':>8}")
+    for r in rows:
+        print(f"{r['linear']:<16}{str((r['out'], r['inp'])):>14}{r['bf16_ms']:9.3f}{r['int8_ms']:9.3f}"
+              f"{r['int4_ms']:9.3f}{r['int8_speedup']:8.2f}{r['int4_speedup']:8.2f}")
+    tot = {k: sum(r[k] for r in rows) for k in ("bf16_ms", "int8_ms", "int4_ms")}
+    print(f"{'one block':<16}{'':>14}{tot['bf16_ms']:9.3f}{tot['int8_ms']:9.3f}{tot['int4_ms']:9.3f}"
+          f"{tot['bf16_ms'] / tot['int8_ms']:8.2f}{tot['bf16_ms'] / tot['int4_ms']:8.2f}")
+    result = dict(info=info, microbench=rows)
+
+    if not args.skip_model:
+        model = build_model(args.layers)
+        qmod = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".quantization"]
+        results = {}
+        outputs = {}
+        for bits in (0, 8, 4):
+            m = model if bits == 0 else copy.deepcopy(model).quantize(bits)
+            ms, out = decode_ms_per_token(m, args.tokens)
+            results[bits] = dict(ms_per_token=ms, block_linear_bytes=linear_bytes(m, Q),
+                                 backend=qmod.quantization_backend(m) if bits else "bf16 F.linear",
+                                 footprint_bytes=m.get_memory_footprint())
+            outputs[bits] = out
+            if bits:
+                del m
+        print(f"\nWhole model, {args.layers} layers at ChatGLM3-6B widths, bf16, batch 1 greedy decode "
+              f"({args.tokens} tokens after a 16-token prompt)")
+        print(f"{'weights':<8}{'backend':<16}{'ms/token':>10}{'speedup':>9}{'block linears MiB':>19}"
+              f"{'footprint MiB':>15}")
+        for bits, r in results.items():
+            r["speedup"] = results[0]["ms_per_token"] / r["ms_per_token"]
+            r["tokens_equal_to_bf16"] = float((outputs[bits] == outputs[0]).float().mean())
+            print(f"{'bf16' if bits == 0 else 'int%d' % bits:<8}{r['backend']:<16}{r['ms_per_token']:10.1f}"
+                  f"{r['speedup']:9.2f}{r['block_linear_bytes'] / 2**20:19.1f}{r['footprint_bytes'] / 2**20:15.1f}")
+        result["model"] = {str(k): v for k, v in results.items()}
+        result["model_config"] = dict(layers=args.layers, tokens=args.tokens, prompt=16)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
