@@ -415,15 +415,29 @@ class _ChatGLMTokenizerMixin:
         return self.tokenizer.convert_id_to_token(index)
 
     def _glm_user_added(self) -> Dict[int, str]:
-        """Tokens added with add_tokens / add_special_tokens beyond the published vocabulary."""
+        """Tokens added with add_tokens / add_special_tokens beyond the published vocabulary (cached: asking the
+        backend is expensive on some versions; `_add_tokens` invalidates the cache)."""
+        cached = self.__dict__.get("_glm_added_tokens")
+        if cached is not None:
+            return cached
         n = self.tokenizer.n_words
         try:
-            if len(self) <= n:  # cheap check first: nothing beyond the published vocabulary
+            decoder = {i: str(t) for i, t in self.added_tokens_decoder.items()}
+        except AttributeError:  # transformers < 4.34
+            try:
+                decoder = {i: t for t, i in self.get_added_vocab().items()}
+            except (AttributeError, TypeError):
                 return {}
-            decoder = self.added_tokens_decoder
-        except (AttributeError, TypeError):
-            return {}
-        return {i: str(t) for i, t in decoder.items() if i >= n}
+        cached = {i: t for i, t in decoder.items() if i >= n}
+        self.__dict__["_glm_added_tokens"] = cached
+        return cached
+
+    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        self.__dict__.pop("_glm_added_tokens", None)
+        try:
+            return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+        finally:
+            self.__dict__.pop("_glm_added_tokens", None)
 
     def _glm_added_regex(self):
         added = self._glm_user_added()
@@ -763,6 +777,7 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
         self._glm_setup(vocab_file, encode_special_tokens, kwargs)
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
                          encode_special_tokens=encode_special_tokens, **kwargs)
+        self.__dict__.pop("_glm_added_tokens", None)
 
     def _glm_encode_plain(self, text: str) -> List[int]:
         return self.tokenizer.sp_model.encode(text) if text else []
@@ -902,6 +917,7 @@ if PreTrainedTokenizerFast is not None:
                              clean_up_tokenization_spaces=clean_up_tokenization_spaces,
                              encode_special_tokens=encode_special_tokens, **kwargs)
             self.vocab_file = vocab_file
+            self.__dict__.pop("_glm_added_tokens", None)
 
         @classmethod
         def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
@@ -949,7 +965,7 @@ if PreTrainedTokenizerFast is not None:
             """Ids (no prefix) for each input: str, list of words, or list of ids."""
             if not is_split_into_words and all(type(x) is str for x in inputs):
                 parse = self.encode_special_tokens if encode_special_tokens is None else encode_special_tokens
-                if not parse and self._glm_chat_depth == 0 and len(self) <= self.tokenizer.n_words:
+                if not parse and self._glm_chat_depth == 0 and not self._glm_user_added():
                     # hot path: plain strings, nothing to split out (one surrogate check for the whole batch)
                     if _SURROGATE_RE.search("".join(inputs)):
                         inputs = [_clean_text(x) for x in inputs]

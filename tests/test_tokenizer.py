@@ -541,6 +541,21 @@ def test_special_token_setters(tiny_dir):
             t(["a", "abc def"], padding=True)
 
 
+def test_user_added_tokens(tiny_dir):
+    outs = []
+    for fast in (False, True):
+        t = load_tokenizer(tiny_dir, fast=fast)
+        assert t("a<custom>b")["input_ids"] == t("a<custom>b")["input_ids"]
+        t.add_tokens(["<custom>"])
+        new_id = t.convert_tokens_to_ids("<custom>")
+        assert new_id == t.vocab_size
+        ids = t("a<custom>b")["input_ids"]
+        # each text segment around an added token gets its own SentencePiece dummy prefix (as in the chat format)
+        assert new_id in ids and t.decode(ids, skip_special_tokens=True) == "a<custom> b"
+        outs.append(ids)
+    assert outs[0] == outs[1]
+
+
 def test_save_and_reload(tiny_dir, tmp_path):
     for fast in (False, True):
         t = load_tokenizer(tiny_dir, fast=fast)
