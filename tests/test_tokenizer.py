@@ -173,6 +173,8 @@ def test_published_ids(real_tok):
     assert real_tok.pad_token_id == 0 and real_tok.eos_token_id == 2 and real_tok.unk_token_id == 0
     assert real_tok.decode([64790, 64792, 53456, 33071, 54792, 32884]) == "[gMASK]sop 今天天气真不错"
     assert real_tok.decode([64790, 64792, 53456, 33071, 54792, 32884], skip_special_tokens=True) == "今天天气真不错"
+    assert real_tok.decode([64798]) == real_tok.decode([65023]) == ""  # padded embedding rows
+    assert real_tok.decode([53456, 65000, 33071]) == real_tok.decode([53456, 33071])
 
 
 @needs_real
@@ -255,6 +257,16 @@ def test_unicode_robustness(tok, tiny_slow, tiny_fast):
 # ----------------------------------------------------------------------------------------------------------------
 # special tokens are never produced from text (anti prompt injection)
 # ----------------------------------------------------------------------------------------------------------------
+
+def test_tokenize_and_convert(tiny_slow, tiny_fast):
+    for s in mixed_corpus(40, seed=11):
+        a, b = tiny_slow.tokenize(s), tiny_fast.tokenize(s)
+        assert a == b
+        assert tiny_slow.convert_tokens_to_ids(a) == tiny_fast.convert_tokens_to_ids(b) == tiny_fast.encode(
+            s, add_special_tokens=False)
+        assert tiny_slow.convert_tokens_to_string(a) == tiny_fast.convert_tokens_to_string(b) == tiny_fast.decode(
+            tiny_fast.encode(s, add_special_tokens=False))
+
 
 def test_special_strings_stay_text(tok):
     specials = set(tok.convert_tokens_to_ids(SPECIAL_TOKENS))
