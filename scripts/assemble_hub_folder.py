@@ -80,8 +80,28 @@ def safetensors_name(bin_name):
     return stem + ".safetensors"
 
 
+def snapshot_safetensors_files(snapshot):
+    """The snapshot's safetensors files (a repo that already merged SFconvertbot's conversion), or []."""
+    snapshot = Path(snapshot)
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        return [index.name] + sorted(set(_read_json(index)["weight_map"].values()))
+    return ["model.safetensors"] if (snapshot / "model.safetensors").is_file() else []
+
+
 def convert_weights(snapshot, out):
-    """Convert the .bin shards to safetensors one at a time; return {tensor: file} and the total byte size."""
+    """Convert the .bin shards to safetensors one at a time; return {tensor: file} and the total byte size.
+    A snapshot that already has safetensors (and no .bin index) has them copied as they are."""
+    bins = (Path(snapshot) / "pytorch_model.bin.index.json").is_file() or (Path(snapshot) / "pytorch_model.bin").is_file()
+    existing = snapshot_safetensors_files(snapshot)
+    if existing and not bins:
+        for name in existing:
+            shutil.copyfile(Path(snapshot) / name, Path(out) / name)
+            log(f"copied {name}")
+        from convert_to_glm import CheckpointReader
+
+        reader = CheckpointReader(out)
+        return reader.weight_map, sum((Path(out) / f).stat().st_size for f in reader.files)
     files, index_map = snapshot_weight_files(snapshot)
     weight_map, total = OrderedDict(), 0
     for i, name in enumerate(files, 1):
@@ -107,6 +127,8 @@ def verify_weights(snapshot, out):
     """Every tensor of the output equals its source tensor (value and dtype). Returns the number compared."""
     from safetensors import safe_open
 
+    if not ((Path(snapshot) / "pytorch_model.bin.index.json").is_file() or (Path(snapshot) / "pytorch_model.bin").is_file()):
+        return 0  # safetensors copied byte for byte
     files, _ = snapshot_weight_files(snapshot)
     count = 0
     for name in files:

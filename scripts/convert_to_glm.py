@@ -498,7 +498,17 @@ def _torch_dtype(name):
     return dtype
 
 
-def convert_chatglm_to_glm(src, out, dtype=None, overwrite=False):
+def _copy_tokenizer(src, out, code_dir):
+    """Vocabulary from the source; the tokenizer code and its config (auto_map) from this repo when it has them
+    (a THUDM snapshot's original tokenizer code fails on transformers >= 4.34), else from the source."""
+    _copy_if_exists(src, out, [n for n in TOKENIZER_FILES if n not in ("tokenization_chatglm.py",
+                                                                      "tokenizer_config.json")])
+    for name in ("tokenization_chatglm.py", "tokenizer_config.json"):
+        if not _copy_if_exists(code_dir, out, [name]):
+            _copy_if_exists(src, out, [name])
+
+
+def convert_chatglm_to_glm(src, out, dtype=None, overwrite=False, code_dir=REPO):
     src, out = Path(src), _prepare_out(out, overwrite)
     cfg = _read_json(src / "config.json")
     if cfg.get("model_type", "chatglm") != "chatglm":
@@ -513,7 +523,7 @@ def convert_chatglm_to_glm(src, out, dtype=None, overwrite=False):
     if (src / "generation_config.json").is_file():
         gen.update(_read_json(src / "generation_config.json"))
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    _copy_if_exists(src, out, TOKENIZER_FILES)
+    _copy_tokenizer(src, out, code_dir)
     return files
 
 
@@ -529,11 +539,9 @@ def convert_glm_to_chatglm(src, out, dtype=None, overwrite=False, code_dir=REPO)
     reader = CheckpointReader(src)
     files = write_plan(reader, glm_to_chatglm_plan(reader, glm), out, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    _copy_if_exists(src, out, [n for n in TOKENIZER_FILES if n != "tokenization_chatglm.py"])
-    # Remote code (and the tokenizer config naming it) from this repo; what the repo lacks, from the source.
-    _copy_if_exists(code_dir, out, CODE_FILES + ("tokenizer_config.json",))
-    if not (out / "tokenization_chatglm.py").is_file():
-        _copy_if_exists(src, out, ["tokenization_chatglm.py"])
+    # Remote code from this repo; tokenizer as in the forward direction.
+    _copy_if_exists(code_dir, out, CODE_FILES)
+    _copy_tokenizer(src, out, code_dir)
     if not _copy_if_exists(src, out, ["generation_config.json"]):
         _copy_if_exists(code_dir, out, ["generation_config.json"])
     missing = [n for n in CODE_FILES[:3] if not (out / n).is_file()]
@@ -614,7 +622,7 @@ def main(argv=None):
     if args.reverse:
         files = convert_glm_to_chatglm(args.src, args.out, dtype, args.overwrite, args.code_dir)
     else:
-        files = convert_chatglm_to_glm(args.src, args.out, dtype, args.overwrite)
+        files = convert_chatglm_to_glm(args.src, args.out, dtype, args.overwrite, args.code_dir)
     print(f"wrote {len(files)} shard(s) to {args.out}")
     if args.verify:
         chatglm_dir, glm_dir = (args.out, args.src) if args.reverse else (args.src, args.out)

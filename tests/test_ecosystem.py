@@ -139,19 +139,32 @@ def test_convert_round_trip_gives_identical_state_dict(tmp_path):
 
 @needs_glm
 def test_converted_glm_gives_equal_logits_and_tokens(tmp_path):
+    """From a published-layout snapshot (float16 .bin shards, original code files that must not be used) to Glm,
+    and back: equal logits and greedy tokens, and the float16 tensors (inv_freq included) come back unchanged."""
     from transformers import GlmForCausalLM
 
-    src = make_model_dir(tmp_path / "src", rope_ratio=50)
-    assert convert.main([str(src), str(tmp_path / "glm"), "--verify"]) == 0
-    ours = load_model(src)
-    glm = GlmForCausalLM.from_pretrained(tmp_path / "glm", **dtype_kwargs(torch.float32)).eval()
+    snap, work, sd = write_fake_snapshot(tmp_path / "snapshot", rope_ratio=50)
+    glm_dir, back_dir = tmp_path / "glm", tmp_path / "back"
+    assert convert.main([str(snap), str(glm_dir), "--verify"]) == 0  # --verify loads the ChatGLM side with our code
+    assert {t.dtype for t in read_safetensors_folder(glm_dir).values()} == {torch.float16}
+    assert len(list(glm_dir.glob("model-*-of-00003.safetensors"))) == 3
+    for name in ("tokenization_chatglm.py", "tokenizer_config.json"):  # tokenizer code from this repo
+        assert (glm_dir / name).read_bytes() == (REPO / name).read_bytes(), name
+    assert (glm_dir / "tokenizer.model").is_file() == (snap / "tokenizer.model").exists()
+
+    ours = load_model(work)
+    ours.load_state_dict({k: v.float() for k, v in sd.items()})
+    glm = GlmForCausalLM.from_pretrained(glm_dir, **dtype_kwargs(torch.float32)).eval()
     ids = random_ids(2, 12)
     torch.testing.assert_close(logits_of(glm, ids), logits_of(ours, ids), atol=1e-4, rtol=0)
     assert torch.equal(greedy(glm, ids), greedy(ours, ids))
-    # and back: the reverse folder loads through trust_remote_code and agrees too
-    assert convert.main([str(tmp_path / "glm"), str(tmp_path / "back"), "--reverse", "--verify"]) == 0
-    torch.testing.assert_close(logits_of(load_model(tmp_path / "back"), ids), logits_of(ours, ids), atol=1e-5,
-                               rtol=0)
+
+    assert convert.main([str(glm_dir), str(back_dir), "--reverse", "--verify"]) == 0
+    back = read_safetensors_folder(back_dir)
+    assert sorted(back) == sorted(sd)
+    assert all(back[k].dtype == torch.float16 and torch.equal(back[k], sd[k]) for k in sd)
+    torch.testing.assert_close(logits_of(load_model(back_dir, **dtype_kwargs(torch.float32)), ids),
+                               logits_of(ours, ids), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("overrides", [dict(pre_seq_len=4), dict(quantization_bit=8), dict(rmsnorm=False),
