@@ -33,7 +33,13 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from transformers.utils import logging
 
 from .configuration_chatglm import SUPPORTED_QUANTIZATION_BITS, ChatGLMConfig
-from .quantization import QuantizedLinear, quantize_model
+from .quantization import (
+    QuantizedLinear,
+    check_quantized_load,
+    quantization_backend,
+    quantize_model,
+    set_quantization_backend,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -402,6 +408,36 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 module.gradient_checkpointing = enable
                 if func is not None:
                     module._gradient_checkpointing_func = func
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """The library's loader, plus one check: a checkpoint whose tensors do not fit ``quantization_bit``
+        (int8 vs int4 shapes, or a float checkpoint with ``quantization_bit`` set) raises a ``ValueError`` saying
+        what was expected, instead of a bare size-mismatch error or silently garbage int8 weights."""
+        if not cls._loads_quantized(args, kwargs):
+            return super().from_pretrained(*args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                              **kwargs)
+        check_quantized_load(model, info)
+        if info.get("mismatched_keys") and not user_ignores:
+            raise RuntimeError(f"size mismatch when loading {cls.__name__}: {info['mismatched_keys']}")
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _loads_quantized(cls, args, kwargs):
+        if "quantization_bit" in kwargs:
+            return bool(kwargs["quantization_bit"])
+        config = kwargs.get("config")
+        if not isinstance(config, ChatGLMConfig) and args:
+            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder",
+                                          "force_download", "proxies") if k in kwargs}
+            try:
+                config = ChatGLMConfig.from_pretrained(args[0], **hub)
+            except Exception:  # let the library's loader report it
+                return False
+        return bool(getattr(config, "quantization_bit", 0))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, then copy the remote-code files next to the weights so the folder loads again
@@ -945,6 +981,15 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         return past_key_values
 
     # -- quantization -------------------------------------------------------------------------------------------------
+    def quantization_backend(self) -> str:
+        """Which compute backend runs the quantized linears (e.g. ``cpu-int4pack``; ``none`` if not quantized)."""
+        return quantization_backend(self)
+
+    @staticmethod
+    def set_quantization_backend(name):
+        """Force a quantized-matmul backend for every model using this code (``None``/``"auto"``: automatic)."""
+        set_quantization_backend(name)
+
     def quantize(self, bits: int, empty_init=False, device=None, **kwargs):
         """Weight-only quantization of the block linears to int8 (``bits=8``) or int4 (``bits=4``), in place.
         Returns the model. ``quantize(0)`` is a no-op. See quantization.py for formats and backends."""

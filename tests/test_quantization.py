@@ -490,9 +490,6 @@ def test_config_bits_not_matching_checkpoint_is_a_value_error(int8_dir, float_di
         _load_checked(unquantized)
 
 
-@pytest.mark.xfail(
-    "check_quantized_load" not in (REPO / "modeling_chatglm.py").read_text(),
-    reason="modeling_chatglm.from_pretrained does not call quantization.check_quantized_load yet", strict=False)
 def test_plain_from_pretrained_with_wrong_bits_is_a_value_error(int8_dir, tmp_path):
     import shutil
 
