@@ -802,6 +802,7 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
 # fast tokenizer
 # --------------------------------------------------------------------------------------------------------------
 
+_SHORT_TEXT = 256  # characters; see ChatGLMTokenizerFast.__init__
 _HAS_INNER_SPACE = re.compile("[^" + SPACE + "]" + SPACE)
 _BACKEND_CACHE: Dict[Tuple[str, int, int], Tuple[str, bool]] = {}
 
@@ -910,6 +911,12 @@ if PreTrainedTokenizerFast is not None:
             # `_glm_backend` encodes plain text only and is never touched by transformers (which registers the
             # special tokens as "added tokens" on `self._tokenizer`, and those must not be matched in text).
             self._glm_backend, self._glm_native_byte_fallback = _build_backend(vocab_file)
+            # The word split pays off on long texts (word cache); short texts are faster without it. Both are exact.
+            self._glm_backend_short = None
+            if (self._glm_backend.pre_tokenizer is not None and self._glm_native_byte_fallback
+                    and hasattr(self._glm_backend, "encode_batch_fast")):
+                self._glm_backend_short, _ = _build_backend(vocab_file)
+                self._glm_backend_short.pre_tokenizer = None
             bookkeeping, _ = _build_backend(vocab_file)
             for k in ("tokenizer_object", "vocab", "merges", "from_slow"):
                 kwargs.pop(k, None)
@@ -939,6 +946,19 @@ if PreTrainedTokenizerFast is not None:
             prepared = [SPACE + t.replace(" ", SPACE) for t in texts]
             backend = self._glm_backend
             if self._glm_native_byte_fallback and hasattr(backend, "encode_batch_fast"):  # no offsets needed
+                short = self._glm_backend_short
+                if short is not None:
+                    is_short = [len(t) < _SHORT_TEXT for t in prepared]
+                    if all(is_short):
+                        backend = short
+                    elif any(is_short):
+                        out: List[Optional[List[int]]] = [None] * len(prepared)
+                        for flag, bk in ((True, short), (False, backend)):
+                            idx = [i for i, f in enumerate(is_short) if f is flag]
+                            encs = bk.encode_batch_fast([prepared[i] for i in idx], add_special_tokens=False)
+                            for i, e in zip(idx, encs):
+                                out[i] = e.ids if texts[i] else []
+                        return out
                 encodings = backend.encode_batch_fast(prepared, add_special_tokens=False)
                 if all(texts):
                     return [e.ids for e in encodings]
