@@ -159,6 +159,18 @@ def test_converted_glm_gives_equal_logits_and_tokens(tmp_path):
     torch.testing.assert_close(logits_of(glm, ids), logits_of(ours, ids), atol=1e-4, rtol=0)
     assert torch.equal(greedy(glm, ids), greedy(ours, ids))
 
+    # --verify can fail: the same weights with the rope base of rope_ratio=1 give different logits
+    bad = tmp_path / "glm-bad-rope"
+    shutil.copytree(glm_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    if cfg.get("rope_parameters"):
+        cfg["rope_parameters"]["rope_theta"] = 10000.0
+    else:
+        cfg["rope_theta"] = 10000.0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    diff, tol, _ = convert.compare_logits(snap, bad)
+    assert diff > 10 * tol
+
     assert convert.main([str(glm_dir), str(back_dir), "--reverse", "--verify"]) == 0
     back = read_safetensors_folder(back_dir)
     assert sorted(back) == sorted(sd)
