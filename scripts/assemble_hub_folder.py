@@ -80,6 +80,10 @@ def safetensors_name(bin_name):
     return stem + ".safetensors"
 
 
+def has_bin_weights(snapshot):
+    return any((Path(snapshot) / name).is_file() for name in ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
 def snapshot_safetensors_files(snapshot):
     """The snapshot's safetensors files (a repo that already merged SFconvertbot's conversion), or []."""
     snapshot = Path(snapshot)
@@ -92,7 +96,7 @@ def snapshot_safetensors_files(snapshot):
 def convert_weights(snapshot, out):
     """Convert the .bin shards to safetensors one at a time; return {tensor: file} and the total byte size.
     A snapshot that already has safetensors (and no .bin index) has them copied as they are."""
-    bins = (Path(snapshot) / "pytorch_model.bin.index.json").is_file() or (Path(snapshot) / "pytorch_model.bin").is_file()
+    bins = has_bin_weights(snapshot)
     existing = snapshot_safetensors_files(snapshot)
     if existing and not bins:
         for name in existing:
@@ -127,7 +131,7 @@ def verify_weights(snapshot, out):
     """Every tensor of the output equals its source tensor (value and dtype). Returns the number compared."""
     from safetensors import safe_open
 
-    if not ((Path(snapshot) / "pytorch_model.bin.index.json").is_file() or (Path(snapshot) / "pytorch_model.bin").is_file()):
+    if not has_bin_weights(snapshot):
         return 0  # safetensors copied byte for byte
     files, _ = snapshot_weight_files(snapshot)
     count = 0

@@ -35,7 +35,6 @@ torch and safetensors.
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import sys

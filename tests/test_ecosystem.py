@@ -44,7 +44,8 @@ def dtype_kwargs(dtype):
 
 
 def random_ids(batch=2, seq=10, seed=0, low=3):
-    return torch.randint(low, TINY_CONFIG["padded_vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, TINY_CONFIG["padded_vocab_size"], (batch, seq), generator=gen)
 
 
 def logits_of(model, ids, **kw):
@@ -235,7 +236,8 @@ def test_assemble_hub_folder_from_snapshot_loads_offline(tmp_path):
     assert rc == 0
 
     names = sorted(p.name for p in out.iterdir())
-    assert [n for n in names if n.endswith(".safetensors")] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert [n for n in names if n.endswith(".safetensors")] == shards
     assert not [n for n in names if n.endswith(".bin")]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in sd.values())
@@ -259,6 +261,17 @@ def test_assemble_hub_folder_from_snapshot_loads_offline(tmp_path):
     reference = load_model(work)
     reference.load_state_dict({k: v.float() for k, v in sd.items()})
     torch.testing.assert_close(check["logits"], logits_of(reference, check["input_ids"]), atol=1e-5, rtol=0)
+
+
+def test_assemble_copies_a_snapshot_that_already_has_safetensors(tmp_path):
+    snap = make_model_dir(tmp_path / "snapshot")
+    reshard_safetensors(snap, 2)
+    assert assemble.main([str(snap), str(tmp_path / "hub")]) == 0
+    for name in ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (tmp_path / "hub" / name).read_bytes() == (snap / name).read_bytes()
+    ids = random_ids()
+    torch.testing.assert_close(logits_of(load_model(tmp_path / "hub"), ids), logits_of(load_model(snap), ids),
+                               atol=0, rtol=0)
 
 
 def test_assemble_refuses_non_empty_output_and_missing_shards(tmp_path):
