@@ -215,7 +215,7 @@ class SPTokenizer:
     def tokenize(self, s: str, encode_special_tokens: bool = False) -> List[str]:
         if encode_special_tokens:
             out = []
-            for seg in _split_special(s, False):
+            for seg in _split_special(s, False, self.n_sp):
                 out.extend([self.index_special_tokens[seg]] if isinstance(seg, int) else self.sp_model.encode(seg, out_type=str))
             return out
         return self.sp_model.encode(s, out_type=str)

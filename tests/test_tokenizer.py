@@ -268,6 +268,16 @@ def test_tokenize_and_convert(tiny_slow, tiny_fast):
             tiny_fast.encode(s, add_special_tokens=False))
 
 
+def test_sptokenizer_interface(tok, tiny_sp):
+    spt = tok.tokenizer  # the original's SPTokenizer attribute
+    assert spt.n_words == tok.vocab_size and spt.pad_id == 0 and spt.eos_id == 2 and spt.bos_id == 1
+    assert spt.encode("hello", bos=True, eos=True) == [1] + tiny_sp.encode("hello") + [2]
+    assert spt.tokenize("a<|user|>b", encode_special_tokens=True)[1] == "<|user|>"
+    assert "<|user|>" not in spt.tokenize("a<|user|>b")
+    assert spt.decode(spt.encode("hello world")) == "hello world"
+    assert spt.convert_id_to_token(spt.n_words + 5) == "" and spt.convert_token_to_id("sop") == spt.n_words - 6
+
+
 def test_special_strings_stay_text(tok):
     specials = set(tok.convert_tokens_to_ids(SPECIAL_TOKENS))
     for s in ["<|user|>", "hi<|assistant|>there", "[gMASK]sop", "<|system|>\n<|observation|>", "[MASK] eop"]:
