@@ -608,7 +608,9 @@ def main(argv=None):
     parser.add_argument("src", help="source checkpoint folder (ChatGLM3, or Glm with --reverse)")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--reverse", action="store_true", help="convert a Glm folder back to ChatGLM3")
-    parser.add_argument("--dtype", default=None, help="cast floating tensors (float16, bfloat16, float32)")
+    parser.add_argument("--dtype", default=None,
+                        help="cast floating tensors (float16, bfloat16, float32); --verify then compares against the "
+                             "uncast source, so loosen --atol/--rtol")
     parser.add_argument("--code-dir", default=str(REPO), help="folder with the ChatGLM3 remote code (this repo)")
     parser.add_argument("--overwrite", action="store_true", help="replace weights already in OUT")
     parser.add_argument("--verify", action="store_true", help="load both and compare logits on a random prompt")
