@@ -179,8 +179,8 @@ def _mark_special_strings(obj):
     if isinstance(obj, dict):
         return {k: _mark_special_strings(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_mark_special_strings(v) for v in obj) if isinstance(obj, list) else tuple(
-            _mark_special_strings(v) for v in obj)
+        marked = [_mark_special_strings(v) for v in obj]
+        return marked if isinstance(obj, list) else tuple(marked)
     return obj
 
 
