@@ -25,10 +25,12 @@ needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is 
 
 
 def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
+    """Import scripts/<name>.py as module ``name`` (assemble_hub_folder imports convert_to_glm by that name)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     return sys.modules[name]
 
 
