@@ -125,6 +125,17 @@ class ChatGLMConfig(PretrainedConfig):
             raise ValueError(f"ChatGLMConfig.pre_seq_len must be None or a positive integer, got {self.pre_seq_len!r}")
         if not isinstance(self.rope_ratio, (int, float)) or isinstance(self.rope_ratio, bool) or self.rope_ratio <= 0:
             raise ValueError(f"ChatGLMConfig.rope_ratio must be a positive number, got {self.rope_ratio!r}")
+        for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is None and name == "classifier_dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"ChatGLMConfig.{name} must be a probability in [0, 1), got {value!r}")
+        for name in ("rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear",
+                     "add_qkv_bias", "multi_query_attention", "fp32_residual_connection", "prefix_projection",
+                     "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ChatGLMConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.layernorm_epsilon, (int, float)) or self.layernorm_epsilon <= 0:
             raise ValueError(
                 f"ChatGLMConfig.layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}")

@@ -16,7 +16,9 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import shutil
+import tempfile
 import threading
 from typing import Any, Dict, List, Optional
 
@@ -362,6 +364,12 @@ class PrefixEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # Pretrained-model plumbing
 # ---------------------------------------------------------------------------------------------------------------------
+# Weight files a previous save_pretrained may have left (both formats, single or sharded, plus their indexes).
+_WEIGHT_FILE_RE = re.compile(
+    r"(?:model|pytorch_model)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)|(?:model\.safetensors|pytorch_model\.bin)"
+    r"\.index\.json")
+# Weights a checkpoint may lack: the rotary buffer (recomputed), new p-tuning prefixes, a fresh classification head.
+_MISSING_OK_RE = re.compile(r"(?:^|\.)(?:rotary_pos_emb\.inv_freq|prefix_encoder\..+|classifier_head\..+)$")
 REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
 
 
@@ -411,18 +419,35 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """The library's loader, plus one check: a checkpoint whose tensors do not fit ``quantization_bit``
-        (int8 vs int4 shapes, or a float checkpoint with ``quantization_bit`` set) raises a ``ValueError`` saying
-        what was expected, instead of a bare size-mismatch error or silently garbage int8 weights."""
-        if not cls._loads_quantized(args, kwargs):
-            return super().from_pretrained(*args, **kwargs)
+        """The library's loader, plus checks so that it never returns a partly random or garbage model:
+
+        - a checkpoint whose tensors do not fit ``quantization_bit`` (int8 vs int4 shapes, or a float checkpoint
+          with ``quantization_bit`` set) raises a ``ValueError`` saying what was expected;
+        - a checkpoint lacking weights the model needs (truncated shards, wrong ``num_layers``) raises a
+          ``ValueError`` naming them (``allow_missing_weights=True`` opts out);
+        - p-tuning v2 freezing is re-applied (transformers 5 re-creates loaded parameters as trainable).
+        """
         want_info = kwargs.pop("output_loading_info", False)
+        allow_missing = kwargs.pop("allow_missing_weights", False)
         user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                              **kwargs)
-        check_quantized_load(model, info)
-        if info.get("mismatched_keys") and not user_ignores:
-            raise RuntimeError(f"size mismatch when loading {cls.__name__}: {info['mismatched_keys']}")
+        quantized = cls._loads_quantized(args, kwargs)
+        # ignore_mismatched_sizes only for quantized loads: on transformers 4.30 it breaks sharded checkpoints.
+        model, info = super().from_pretrained(*args, output_loading_info=True,
+                                              ignore_mismatched_sizes=quantized or user_ignores, **kwargs)
+        if quantized:
+            check_quantized_load(model, info)
+            if info.get("mismatched_keys") and not user_ignores:
+                raise RuntimeError(f"size mismatch when loading {cls.__name__}: {info['mismatched_keys']}")
+        missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
+        if missing and not allow_missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. The weight files are "
+                f"incomplete or do not match config.json (num_layers, hidden_size, ...); refusing to return a "
+                f"partly random model (pass allow_missing_weights=True to load anyway).")
+        for module in model.modules():
+            if isinstance(module, ChatGLMModel):
+                module.freeze_for_prefix_tuning()
         return (model, info) if want_info else model
 
     @classmethod
@@ -442,10 +467,35 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, then copy the remote-code files next to the weights so the folder loads again
         with ``trust_remote_code=True`` (the published files lose them)."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # Weight files of an older checkpoint in the folder would be loaded instead of (or mixed with) the new
+        # ones: move them aside, and delete them once the new save succeeded (put them back if it failed).
+        stale_dir = None
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            old = [n for n in os.listdir(save_directory)
+                   if _WEIGHT_FILE_RE.fullmatch(n) and os.path.isfile(os.path.join(save_directory, n))]
+            if old:
+                stale_dir = tempfile.mkdtemp(prefix=".stale-weights-", dir=save_directory)
+                for name in old:
+                    os.replace(os.path.join(save_directory, name), os.path.join(stale_dir, name))
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        except BaseException:
+            if stale_dir is not None:
+                for name in os.listdir(stale_dir):
+                    if not os.path.exists(os.path.join(save_directory, name)):
+                        os.replace(os.path.join(stale_dir, name), os.path.join(save_directory, name))
+                shutil.rmtree(stale_dir, ignore_errors=True)
+            raise
+        if stale_dir is not None:
+            shutil.rmtree(stale_dir, ignore_errors=True)
+        # The code files: from this module's folder, else (tokenizer code, never imported by the model) from
+        # the folder the model was loaded from.
         here = os.path.dirname(os.path.abspath(__file__))
+        origin = getattr(self.config, "_name_or_path", "") or ""
         for name in REMOTE_CODE_FILES:
             src = os.path.join(here, name)
+            if not os.path.isfile(src) and os.path.isdir(origin):
+                src = os.path.join(origin, name)
             dst = os.path.join(save_directory, name)
             if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
                 shutil.copyfile(src, dst)
@@ -468,11 +518,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.encoder = GLMTransformer(config, device=device)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         if config.pre_seq_len is not None:
-            for param in self.parameters():
-                param.requires_grad = False
             self.prefix_encoder = PrefixEncoder(config)
             self.dropout = nn.Dropout(0.1)
         self.post_init()
+        self.freeze_for_prefix_tuning()
+
+    def freeze_for_prefix_tuning(self):
+        """P-tuning v2: only ``prefix_encoder`` trains; every other parameter of the transformer is frozen."""
+        if self.pre_seq_len is None:
+            return
+        for name, param in self.named_parameters():
+            param.requires_grad = name.startswith("prefix_encoder.")
 
     def get_input_embeddings(self):
         return self.embedding.word_embeddings
@@ -493,6 +549,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                            ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if input_ids is not None:
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
@@ -509,6 +569,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if inputs_embeds.dim() != 3:
                 raise ValueError(f"inputs_embeds must be 3-D, got shape {tuple(inputs_embeds.shape)}")
             seq, batch = inputs_embeds.shape[:2]  # seq-first, as published
+            expected = self.embedding.word_embeddings.weight.dtype
+            if inputs_embeds.dtype != expected:
+                raise ValueError(f"inputs_embeds has dtype {inputs_embeds.dtype}, but the model runs in {expected}")
         if batch == 0 or seq == 0:
             raise ValueError(f"empty input: batch={batch}, seq={seq}")
         if attention_mask is not None:
@@ -517,10 +580,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {past_len + seq}] "
                     f"(batch, past + new tokens)")
+            if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+                raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got {bad!r}")
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
                 raise ValueError(
                     f"position_ids has shape {tuple(position_ids.shape)}; expected [{batch}, {seq}] like input_ids")
+            if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+                raise ValueError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
             if position_ids.numel() and int(position_ids.min()) < 0:
                 raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
         return batch, seq
@@ -576,7 +644,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         past = cache if cache is not None else past_key_values
         if past is not None and not _is_cache(past):
             raise ValueError(
@@ -591,6 +659,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len - prefix_len
                                         if past_len else 0)
         if inputs_embeds is None:
+            if input_ids.dtype not in (torch.int32, torch.int64):  # uint8/int8/int16: nn.Embedding wants int32/64
+                input_ids = input_ids.long()
             hidden_states = self.embedding(input_ids)
             device = input_ids.device
         else:
@@ -887,7 +957,7 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
     ):
         """``inputs_embeds`` is batch-first ``[batch, seq, hidden]`` here (transformers convention, what
         ``generate(inputs_embeds=...)`` passes); ``ChatGLMModel`` itself keeps the published seq-first input."""
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -934,6 +1004,20 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         return loss / num_items_in_batch
 
     # -- generation ---------------------------------------------------------------------------------------------------
+    def generate(self, inputs=None, *args, **kwargs):
+        """``GenerationMixin.generate`` with the prompt checked first, so that every transformers version gives
+        the same clear ``ValueError`` (4.30 indexes an empty prompt before the model sees it, and generates one
+        token for ``max_new_tokens=0``)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
+            if ids.dim() != 2 or ids.numel() == 0:
+                raise ValueError(f"generate() needs a non-empty [batch, seq] prompt, got input_ids of shape "
+                                 f"{tuple(ids.shape)}")
+        max_new = kwargs.get("max_new_tokens")
+        if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0):
+            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new!r}.")
+        return super().generate(inputs, *args, **kwargs)
+
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
         use_cache=None, **kwargs,
@@ -1039,7 +1123,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         return_dict=None,
         **kwargs,
     ):
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.transformer(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             full_attention_mask=full_attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
