@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from conftest import (CODE_FILES, REPO, SHARED_REFERENCE, TINY_CONFIG, has_transformers_glm, load_model,
                       make_model_dir, published_config_dict)
 
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])  # only for the temporary xfail markers
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM (< 4.46)")
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
@@ -353,9 +351,6 @@ def test_lora_trains_with_gradient_checkpointing_and_merges(tiny_dir, targets):
     assert not torch.allclose(logits_of(load_model(tiny_dir), ids), adapter_logits, atol=1e-3)  # training did change it
 
 
-@pytest.mark.xfail(TRANSFORMERS_MAJOR >= 5, strict=True,
-                   reason="transformers 5 from_pretrained re-creates every loaded parameter with requires_grad=True, "
-                          "undoing the p-tuning v2 freeze (fix requested in tests/ECOSYSTEM_FIXES.md)")
 @pytest.mark.parametrize("prefix_projection", [False, True])
 def test_ptuning_v2_trains_only_the_prefix_encoder(tmp_path, prefix_projection):
     folder = make_model_dir(tmp_path, pre_seq_len=4, prefix_projection=prefix_projection)
