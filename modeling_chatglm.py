@@ -431,13 +431,20 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         allow_missing = kwargs.pop("allow_missing_weights", False)
         user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
         quantized = cls._loads_quantized(args, kwargs)
-        # ignore_mismatched_sizes only for quantized loads: on transformers 4.30 it breaks sharded checkpoints.
-        model, info = super().from_pretrained(*args, output_loading_info=True,
-                                              ignore_mismatched_sizes=quantized or user_ignores, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True,
+                                                  ignore_mismatched_sizes=user_ignores, **kwargs)
+        except RuntimeError as exc:
+            if not quantized or "mismatch" not in str(exc):
+                raise
+            # Load again tolerating the mismatch only to say which quantization_bit the tensors fit (not done
+            # up front: on transformers 4.30 ignore_mismatched_sizes breaks sharded checkpoints).
+            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
+            check_quantized_load(model, info)
+            raise
         if quantized:
             check_quantized_load(model, info)
-            if info.get("mismatched_keys") and not user_ignores:
-                raise RuntimeError(f"size mismatch when loading {cls.__name__}: {info['mismatched_keys']}")
         missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
         if missing and not allow_missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
