@@ -354,11 +354,13 @@ class Stamps:
 
     def __init__(self, sync):
         self.times = []
+        self.cpu_times = []
         self.sync = sync
 
     def __call__(self, input_ids, scores):
         self.sync()
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
         return scores
 
 
@@ -376,6 +378,7 @@ def run_generate(model, ids, n, sync):
     sync()
     t1 = time.perf_counter()
     assert out.shape[1] == ids.shape[1] + n, out.shape
+    run_generate.cpu_times = stamps.cpu_times
     return t0, stamps.times, t1, out[0, ids.shape[1]:].tolist()
 
 
@@ -398,6 +401,14 @@ def measure_bandwidth(device, nbytes=1 << 30, repeats=7):
         del x
     gc.collect()
     return out
+
+
+def _pct(xs, p):
+    """p-th percentile (nearest rank). On a shared machine the low percentiles are the contention-free speed."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))]
 
 
 def median(xs):
@@ -430,6 +441,7 @@ def bench(args):
     meta["transformers"] = transformers.__version__
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
+    meta["loadavg_start"] = os.getloadavg()
     meta["bandwidth_GBps"] = measure_bandwidth(device)
     log(f"memory-read bandwidth: {meta['bandwidth_GBps']}")
     rows, parity = [], {}
@@ -463,12 +475,14 @@ def bench(args):
                 rows.append({"model": label, "dtype": f"{dname}+int{bits}", "skipped": f"{type(e).__name__}: {e}"})
                 q = None
             gc.collect()
+        wbytes = {label: weight_bytes_per_token(model) for label, model, _ in variants}  # before any (pre)packing
         for label, model, kind in variants:
-            log(f"  {label}: {weight_bytes_per_token(model) / 1e9:.3f} GB weights read per token, rss {rss_mb():.0f} MB")
+            log(f"  {label}: {wbytes[label] / 1e9:.3f} GB weights read per token, rss {rss_mb():.0f} MB")
 
         for prompt in args.prompts:
             ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(prompt)).to(device)
             res = {label: {"prefill": [], "decode": {n: [] for n in args.new_tokens}, "steps": [], "peak": [],
+                           "cpu": {n: [] for n in args.new_tokens},
                            "growth": [], "tokens": None} for label, _, _ in variants}
             for r in range(args.repeats + 1):  # round 0 = warm-up
                 order = variants if r % 2 == 0 else variants[::-1]  # alternate who goes first
@@ -487,17 +501,19 @@ def bench(args):
                     t0, st, t1, toks = run_generate(model, ids, nmax, sync)
                     peak = (torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else peak_rss_mb()
                     if r:
+                        ct = run_generate.cpu_times
                         for n in args.new_tokens:
                             res[label]["decode"][n].append((st[n - 1] - st[0]) / (n - 1))
+                            res[label]["cpu"][n].append((ct[n - 1] - ct[0]) / (n - 1))
                         res[label]["steps"].extend(b - a for a, b in zip(st, st[1:]))
                         res[label]["peak"].append(peak)
                         res[label]["growth"].append(peak - before)
                     res[label]["tokens"] = toks
-                log(f"  [{dname} prompt {prompt}] round {r} done")
+                log(f"  [{dname} prompt {prompt}] round {r} done, loadavg {os.getloadavg()[0]:.1f}")
             ref_tokens = res[variants[0][0]]["tokens"]
             for label, model, kind in variants:
                 d = res[label]
-                wb = weight_bytes_per_token(model)
+                wb = wbytes[label]
                 pre = median(d["prefill"])
                 for n in args.new_tokens:
                     dec = median(d["decode"][n])
@@ -507,6 +523,9 @@ def bench(args):
                         "model": label, "dtype": kind, "layers": args.layers, "prompt": prompt, "new_tokens": n,
                         "prefill_tok_s": prompt / pre, "prefill_s": pre,
                         "decode_ms_tok": dec * 1e3, "decode_step_median_ms": median(d["steps"]) * 1e3,
+                        "decode_step_p10_ms": _pct(d["steps"], 10) * 1e3,
+                        "decode_cpu_ms_tok": median(d["cpu"][n]) * 1e3,
+                        "prefill_tok_s_best": prompt / min(d["prefill"]),
                         "decode_runs_ms": [x * 1e3 for x in d["decode"][n]],
                         "weight_GB_tok": wb / 1e9, "effective_GBps": (wb + kvb) / dec / 1e9,
                         "peak_rss_MB": median(d["peak"]), "rss_growth_MB": median(d["growth"]),
@@ -550,11 +569,11 @@ def format_table(rows, meta=None):
     """Markdown table; each ours* row gets a speed-up column against the native row of the same setting."""
     native = {(r["dtype"], r["prompt"], r["new_tokens"]): r for r in rows if r.get("model") == "native"}
     lines = ["| model | dtype | prompt | new | prefill tok/s | decode ms/tok | decode vs native | prefill vs native "
-             "| GB/tok | eff. GB/s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode p10 step ms | decode CPU ms/tok | GB/tok | eff. GB/s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['dtype']} | - | - | skipped: {r['skipped'][:60]} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['dtype']} | - | - | skipped: {r['skipped'][:60]} | | | | | | | | |")
             continue
         base = r["dtype"].split("+")[0]
         nat = native.get((base, r["prompt"], r["new_tokens"]))
@@ -564,7 +583,9 @@ def format_table(rows, meta=None):
             sp = f"{r['prefill_tok_s'] / nat['prefill_tok_s']:.2f}x"
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['prompt']} | {r['new_tokens']} | {r['prefill_tok_s']:.1f} | "
-            f"{r['decode_ms_tok']:.1f} | {sd} | {sp} | {r['weight_GB_tok']:.2f} | {r['effective_GBps']:.1f} | "
+            f"{r['decode_ms_tok']:.1f} | {sd} | {sp} | {r.get('decode_step_p10_ms', float('nan')):.1f} | "
+            f"{r.get('decode_cpu_ms_tok', float('nan')):.1f} | "
+            f"{r['weight_GB_tok']:.2f} | {r['effective_GBps']:.1f} | "
             f"{r['peak_rss_MB']:.0f} |")
     if meta:
         bw = meta.get("bandwidth_GBps", {})
