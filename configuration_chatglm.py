@@ -78,8 +78,10 @@ class ChatGLMConfig(PretrainedConfig):
         self.original_rope = original_rope
         # transformers 5 drops generation-ish kwargs it does not declare; keep them explicit.
         self.use_cache = use_cache
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # Validate before PretrainedConfig.__init__: transformers 5 runs its own validators there (comparing token
+        # ids with vocab_size), which would fail with a bare TypeError on e.g. "padded_vocab_size": "128".
         self.validate_chatglm()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def num_kv_heads(self):

@@ -434,6 +434,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True,
                                                   ignore_mismatched_sizes=user_ignores, **kwargs)
+        except EOFError as exc:  # torch.load of an empty .bin shard: a bare EOFError() without a message
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(f"a weight file in {where!r} is empty or truncated (EOFError while reading it)") from exc
         except RuntimeError as exc:
             if not quantized or "mismatch" not in str(exc):
                 raise
@@ -445,6 +448,12 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             raise
         if quantized:
             check_quantized_load(model, info)
+        scales = sorted(k for k in (info.get("unexpected_keys") or ()) if k.endswith(".weight_scale"))
+        if scales and not model.config.quantization_bit:
+            raise ValueError(
+                f"the checkpoint is quantized (it has {scales[0]} and {len(scales) - 1} more weight_scale tensors), "
+                f"but config.quantization_bit is 0: its int8 weights would be used as float weights. Set "
+                f"quantization_bit (4 or 8) in config.json to the checkpoint's width.")
         missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
         if missing and not allow_missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -1020,6 +1029,11 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             if ids.dim() != 2 or ids.numel() == 0:
                 raise ValueError(f"generate() needs a non-empty [batch, seq] prompt, got input_ids of shape "
                                  f"{tuple(ids.shape)}")
+        mask = kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+            # transformers 5 drops an all-ones mask before the model could notice its shape
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)} like "
+                             f"input_ids")
         max_new = kwargs.get("max_new_tokens")
         if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0):
             raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new!r}.")

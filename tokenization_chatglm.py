@@ -190,7 +190,7 @@ class SPTokenizer:
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise ValueError(f"ChatGLM tokenizer: no SentencePiece model at {model_path!r}")
-        self.sp_model = spm.SentencePieceProcessor(model_file=model_path)
+        self.sp_model = _load_sentencepiece(model_path)
         self.n_sp = self.sp_model.get_piece_size()
         self.bos_id = self.sp_model.bos_id()
         self.eos_id = self.sp_model.eos_id()
@@ -815,8 +815,21 @@ def _bpe_supports_byte_fallback() -> bool:
         return False
 
 
+def _load_sentencepiece(path: str):
+    """Open a SentencePiece model; a file that is not one gives a ValueError naming it (a ValueError on purpose:
+    transformers 4.4x-4.5x swallow a RuntimeError from a tokenizer constructor and return ``False``)."""
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except Exception as error:  # sentencepiece raises RuntimeError/OSError ("could not parse ModelProto", ...)
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        hint = " It looks like a git-lfs pointer or a truncated download." if size < 4096 else ""
+        raise ValueError(f"ChatGLM tokenizer: {path!r} ({size} bytes) is not a SentencePiece model file "
+                         f"(tokenizer.model): {type(error).__name__}: {error}.{hint}") from error
+
+
 def _read_sentencepiece_model(path: str):
     """(pieces, scores, types) from the model proto; also checks the normalizer settings we emulate."""
+    sp = _load_sentencepiece(path)  # validates the file
     try:
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
     except ImportError:  # protobuf missing: read the same facts through the processor
@@ -841,7 +854,6 @@ def _read_sentencepiece_model(path: str):
             raise ValueError(f"ChatGLMTokenizerFast cannot emulate {path}: " + "; ".join(problems))
         # piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
         return [p.piece for p in proto.pieces], [p.score for p in proto.pieces], [p.type for p in proto.pieces]
-    sp = spm.SentencePieceProcessor(model_file=path)
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         pieces.append(sp.id_to_piece(i))
