@@ -321,7 +321,10 @@ def weight_bytes_per_token(model):
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if "embed" in name or "inv_freq" in name:
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if t.is_mkldnn:  # a prepacked (opaque) weight
+            key = ("mkldnn", id(t))
+        else:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
         if key in seen:
             continue
         seen.add(key)
