@@ -23,18 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from conftest import REPO, SHARED_REFERENCE, TINY_CONFIG, load_model, make_model_dir, random_state_dict
 
 VOCAB = TINY_CONFIG["padded_vocab_size"]
-TF_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-TF_430 = TF_VERSION < (4, 31)
-
-
-def pending(reason, condition=True):
-    """Temporary strict xfail for a bug reported in tests/RELIABILITY_FIXES.md (the lead removes it with the fix)."""
-    return pytest.mark.xfail(condition, strict=True, reason=f"RELIABILITY_FIXES.md {reason}")
 
 
 def cache_of(output):
