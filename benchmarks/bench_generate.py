@@ -459,7 +459,11 @@ def bench(args):
         for label, folder in zip(labels, folders):
             log(f"[{dname}] loading {label} from {folder}")
             variants.append((label, load_ours(folder, dtype, device), dname))
-        if not args.no_native:
+        if args.native_only:  # the native model keeps (views of) the weights; ours is dropped
+            native = build_native(variants[0][1], device)
+            variants = [("native", native, dname)]
+            gc.collect()
+        elif not args.no_native:
             native = build_native(variants[0][1], device)
             parity[dname] = check_parity(variants[0][1], native, device, vocab)
             log(f"[{dname}] parity ours vs native: {parity[dname]}")
@@ -467,7 +471,7 @@ def bench(args):
             if parity[dname]["rel"] > tol:
                 raise SystemExit(f"ours and native disagree in {dname}: {parity[dname]}")
             variants.append(("native", native, dname))
-        for bits in (args.quant if dname in ("bf16", "fp16") else []):
+        for bits in (args.quant if dname in ("bf16", "fp16") and not args.native_only else []):
             label = f"ours-int{bits}"
             try:
                 q = load_ours(folders[0], dtype, device)
@@ -766,7 +770,8 @@ def parse_args(argv=None):
     p.add_argument("--code-dir", action="append", help="folder with the package's code files (repeatable; "
                    "default: the repository). Several: benchmarked against each other")
     p.add_argument("--labels", help="comma list of labels for the --code-dir values")
-    p.add_argument("--no-native", action="store_true")
+    p.add_argument("--no-native", action="store_true", help="only this package (e.g. --layers 28: one model at a time)")
+    p.add_argument("--native-only", action="store_true", help="only transformers' GlmForCausalLM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "chatglm_bench"),
                    help="where the random checkpoints and model folders are written (reused between runs)")
