@@ -157,7 +157,8 @@ def _cpu_prepack_available():
         return False
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # pragma: no cover - builds without these ops
         return False
 
@@ -329,7 +330,8 @@ def _eager_attention(q, k, v, mask, is_causal, dropout_p):
 
 def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
     groups = q.shape[1] // k.shape[1]
-    if groups > 1 and q.shape[2] == 1 and not is_causal and (mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)):
+    single_query_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
+    if groups > 1 and q.shape[2] == 1 and not is_causal and single_query_mask:
         # One new token (decode): the ``groups`` query heads that share a key/value head become that head's query
         # rows, so SDPA runs on [b, kv_heads, groups, d] against the cache as is -- no key/value copies, and
         # 2 large problems instead of 32 tiny ones (the CPU kernel is ~25x faster at 2k context).
