@@ -174,18 +174,18 @@ def _cpu_prepack_enabled():
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that, for bf16 inference on CPU, moves its weight once into oneDNN's prepacked layout.
+    """``nn.Linear`` that, for bf16 inference on CPU, keeps its weight in oneDNN's prepacked layout.
 
     With a plain ``[out, in]`` bf16 weight, oneDNN re-blocks (copies) the whole weight on every matmul call, so a
-    decode step (one row, memory bound) reads the weights about twice. The prepacked weight is used as is, for
-    any number of rows (prefill too). It is made on the first forward on CPU in bf16 with autograd off (``eval``
-    mode under ``no_grad``/``inference_mode``, e.g. ``generate``) and lives in the non-persistent buffer
-    ``packed_weight``; ``weight`` stays the same Parameter object but becomes an empty placeholder, so memory
-    does not grow (``get_memory_footprint`` counts the buffer). ``state_dict()``/``save_pretrained`` give the dense
-    weight back bit for bit; a forward with autograd on or in another dtype, ``train()``, ``.to()``/``.float()``/
-    ``.cuda()``, ``load_state_dict``, assigning a new weight, pickling/deepcopy and ``quantize()`` all return to
-    the dense layout first. ``unpack_cpu_weights(model)`` does it explicitly (e.g. before code that reads
-    ``.weight`` directly); ``CHATGLM_CPU_PREPACK=0`` in the environment turns prepacking off.
+    decode step (one row, memory bound) reads the weights about twice. On the first forward on CPU in bf16 with
+    autograd off (``eval`` + ``no_grad``/``inference_mode``, e.g. ``generate``) the weight is reordered once into
+    the non-persistent buffer ``packed_weight`` and the dense storage is released (the ``weight`` Parameter object
+    stays, empty), so memory does not grow; ``get_memory_footprint`` counts the buffer.
+
+    Nothing outside sees the packed form: reading ``layer.weight`` (PEFT merges, ``get_output_embeddings()``,
+    user code), ``state_dict``/``save_pretrained``, a forward with autograd or another dtype, ``train()``,
+    ``.to()``, ``load_state_dict``, assigning a new weight, pickling/deepcopy and ``quantize()`` all give back the
+    dense weight bit for bit (the next eligible forward packs again). ``CHATGLM_CPU_PREPACK=0`` turns it off.
     """
 
     prepack = True  # False for a layer whose weight may be shared (tied) with another module
@@ -194,44 +194,54 @@ class Linear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.register_buffer("packed_weight", None, persistent=False)
 
+    def __getattr__(self, name):
+        # nn.Module resolves parameters through __getattr__: unpack before anyone outside reads the weight.
+        if name == "weight":
+            self.unpack()
+        return super().__getattr__(name)
+
+    def _dense(self):
+        return self._parameters["weight"]
+
     def _is_packed(self):
-        packed = self._buffers.get("packed_weight")
-        if packed is None:
+        if self._buffers.get("packed_weight") is None:
             return False
-        if self.weight.numel() != 0:  # a weight was put there from outside: it wins
-            self.packed_weight = None
+        if self._dense().numel() != 0:  # a weight was put there from outside: it wins
+            self._buffers["packed_weight"] = None
             return False
         return True
 
     def _pack(self):
+        weight = self._dense()
         with torch.inference_mode(False), torch.no_grad():
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+            self._buffers["packed_weight"] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
 
     def unpack(self):
         """Bring the dense weight back (no-op when not packed)."""
         if self._is_packed():
             with torch.inference_mode(False), torch.no_grad():
-                self.weight.data = self.packed_weight.to_dense()
-            self.packed_weight = None
+                self._dense().data = self._buffers["packed_weight"].to_dense()
+            self._buffers["packed_weight"] = None
 
     def _can_pack(self, x):
-        w = self.weight
+        w = self._dense()
         return (self.prepack and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
                 and w.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
                 and _cpu_prepack_enabled())
 
     def forward(self, x):
-        if self._is_packed():
-            if not self._can_pack(x):
-                self.unpack()
-                return F.linear(x, self.weight, self.bias)
-        elif self._can_pack(x) and self.weight.dim() == 2:
+        packed = self._is_packed()
+        if packed and not self._can_pack(x):
+            self.unpack()
+            packed = False
+        elif not packed and self._can_pack(x) and self._dense().dim() == 2:
             self._pack()
-        else:
-            return F.linear(x, self.weight, self.bias)
+            packed = True
+        if not packed:
+            return F.linear(x, self._dense(), self._parameters["bias"])
         out = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, x.shape[-1]), self.packed_weight, self.bias, "none", [], "")
+            x.reshape(-1, x.shape[-1]), self._buffers["packed_weight"], self._parameters["bias"], "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def train(self, mode=True):
@@ -240,9 +250,8 @@ class Linear(nn.Linear):
         return super().train(mode)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.unpack()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._is_packed():
-            destination[prefix + "weight"] = self.packed_weight.to_dense()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.unpack()
@@ -264,7 +273,6 @@ def unpack_cpu_weights(module):
         if isinstance(m, Linear):
             m.unpack()
     return module
-
 
 
 def _linear(config, in_features, out_features, bias, device=None):

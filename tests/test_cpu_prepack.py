@@ -51,7 +51,8 @@ def test_prepacked_matches_dense_and_frees_dense_weight(bf16_pair):
         got = model(input_ids=ids).logits.float()
     layers = _linears(model)
     assert layers and all(m._is_packed() for m in layers)
-    assert all(m.weight.numel() == 0 for m in layers)  # no second copy
+    assert all(m._parameters["weight"].numel() == 0 for m in layers)  # no second copy
+    assert sum(p.numel() for p in model.parameters()) < before
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     # generate works and gives the dense model's greedy tokens
     with torch.inference_mode():
@@ -69,7 +70,13 @@ def test_prepacked_matches_dense_and_frees_dense_weight(bf16_pair):
     assert sd.keys() == sd_ref.keys()
     for k in sd:
         assert torch.equal(sd[k], sd_ref[k]), k
-    assert sum(p.numel() for p in model.parameters()) < before
+    # Reading .weight from outside (PEFT merges, get_output_embeddings, user code) gives the dense weight back.
+    with torch.inference_mode():
+        model(input_ids=ids)
+    assert all(m._is_packed() for m in layers)
+    for packed, dense in zip(layers, _linears(ref)):
+        assert torch.equal(packed.weight, dense.weight)
+    assert not any(m._is_packed() for m in layers)
 
 
 def test_ways_back_to_dense(bf16_pair, tmp_path):
