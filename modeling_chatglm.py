@@ -1075,12 +1075,6 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
     def quantized(self):
         return bool(self.config.quantization_bit)
 
-    def get_input_embeddings(self):
-        return self.transformer.embedding.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.transformer.embedding.word_embeddings = value
-
     def get_output_embeddings(self):
         return self.transformer.output_layer
 
@@ -1258,12 +1252,6 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
         self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.transformer.embedding.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.transformer.embedding.word_embeddings = value
 
     def forward(
         self,
