@@ -333,8 +333,11 @@ def weight_bytes_per_token(model):
 
 
 def kv_bytes(cfg, tokens, dtype):
-    return 2 * cfg.num_layers * cfg.multi_query_group_num * cfg.kv_channels * tokens * torch.tensor(
-        [], dtype=dtype).element_size()
+    """Key/value cache bytes for ``tokens`` positions (ChatGLMConfig or GlmConfig field names)."""
+    layers = getattr(cfg, "num_layers", None) or cfg.num_hidden_layers
+    kv_heads = getattr(cfg, "multi_query_group_num", None) or cfg.num_key_value_heads
+    head_dim = getattr(cfg, "kv_channels", None) or cfg.head_dim
+    return 2 * layers * kv_heads * head_dim * tokens * torch.tensor([], dtype=dtype).element_size()
 
 
 def check_parity(ours, native, device, vocab):
