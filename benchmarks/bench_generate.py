@@ -245,54 +245,44 @@ def load_ours(folder, dtype, device):
     return model.to(device).eval()
 
 
+def _converter():
+    """scripts/convert_to_glm.py: the one ChatGLM3 -> transformers Glm mapping (config and tensors)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import convert_to_glm
+    finally:
+        sys.path.pop(0)
+    return convert_to_glm
+
+
 def glm_config(c):
     from transformers import GlmConfig
 
-    kwargs = dict(
-        vocab_size=c.padded_vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.multi_query_group_num, head_dim=c.kv_channels, partial_rotary_factor=0.5,
-        rms_norm_eps=c.layernorm_epsilon, attention_bias=True, max_position_embeddings=c.seq_length,
-        pad_token_id=0, eos_token_id=2, tie_word_embeddings=False)
-    theta = 10000.0 * c.rope_ratio
-    cfg = GlmConfig(**kwargs, rope_theta=theta)
-    if getattr(cfg, "rope_parameters", None) and cfg.rope_parameters.get("rope_theta") != theta:  # transformers 5
-        cfg = GlmConfig(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": theta,
-                                                   "partial_rotary_factor": 0.5})
+    cfg = GlmConfig.from_dict(_converter().build_glm_config_dict(c.to_dict()))
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
+class _StateDictReader:
+    """The converter's reader interface over an in-memory state dict."""
+
+    def __init__(self, sd):
+        self.sd = sd
+
+    def keys(self):
+        return self.sd.keys()
+
+    def file_of(self, name):
+        return None
+
+
 def to_glm_state_dict(sd, cfg):
-    q = cfg.num_attention_heads * cfg.kv_channels
-    kv = cfg.multi_query_group_num * cfg.kv_channels
-    out = {}
-    for key, t in sd.items():
-        k = key.replace("transformer.", "", 1)
-        if k.endswith("inv_freq"):
-            continue
-        if k == "embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = t
-        elif k == "encoder.final_layernorm.weight":
-            out["model.norm.weight"] = t
-        elif k == "output_layer.weight":
-            out["lm_head.weight"] = t
-        else:
-            k = k.replace("encoder.layers.", "model.layers.")
-            if "query_key_value" in k:
-                base, kind = k.rsplit(".", 1)
-                base = base.replace("self_attention.query_key_value", "self_attn")
-                qt, kt, vt = t.split([q, kv, kv], dim=0)
-                out[f"{base}.q_proj.{kind}"], out[f"{base}.k_proj.{kind}"], out[f"{base}.v_proj.{kind}"] = qt, kt, vt
-            else:
-                out[(k.replace("self_attention.dense", "self_attn.o_proj")
-                     .replace("mlp.dense_h_to_4h", "mlp.gate_up_proj")
-                     .replace("mlp.dense_4h_to_h", "mlp.down_proj"))] = t
-    return out
+    plan = _converter().chatglm_to_glm_plan(_StateDictReader(sd), cfg.to_dict())
+    return {dst: fn(sd[srcs[0]]) for _, dst, srcs, fn in plan}
 
 
 def build_native(ours, device, state_dict=None):
-    """transformers' GlmForCausalLM holding views of ``ours``' weights (no second copy)."""
+    """transformers' GlmForCausalLM holding views of ``ours``' weights (only the split QKV is copied)."""
     from transformers import GlmForCausalLM
 
     cfg = glm_config(ours.config)
