@@ -16,6 +16,12 @@ Compute backends (picked per layer at run time; see :func:`quantization_backend`
 =================== ====== =========================================================================
 name                device what runs
 =================== ====== =========================================================================
+``cpu-avx512``      CPU    this file's C kernels (``CPU_SOURCE``), compiled once for the host CPU with its C
+                           compiler and cached under ``HF_HOME``; the weight is repacked once, in place, into
+                           a blocked layout read as one sequential stream. Up to 16 input rows: fused
+                           dequantize-and-multiply (decode); more rows: dequantize, then torch's GEMM
+                           (prefill). Needs x86-64 with AVX-512 F/BW, a C compiler, in/out widths multiples of
+                           64 (int8) or 128 (int4) / 8; ``CHATGLM_CPU_KERNELS=0`` turns it off
 ``cpu-int8pack``    CPU    ``torch._weight_int8pack_mm`` on the stored int8 weight (no copy)
 ``cpu-int4pack``    CPU    ``torch._weight_int4pack_mm_for_cpu``; the weight is repacked once, in place
 ``cuda-cpm_kernels``CUDA   this file's CUDA C dequantize kernels, compiled with NVRTC for the present GPU
@@ -25,12 +31,21 @@ name                device what runs
 ``torch-dequant``   any    ``q * scale`` in plain torch, then ``F.linear`` (always available)
 =================== ====== =========================================================================
 
+On the CPU the first choice is ``cpu-avx512``, then torch's packed kernel for the bit width; on CUDA
+``cuda-cpm_kernels``, then ``cuda-nvrtc``; ``torch-dequant`` where nothing else can run the layer.
+
 This file imports only torch, the standard library and transformers' logging; ``cpm_kernels`` is imported lazily,
-the first time a CUDA layer runs, and any failure there falls back (with one warning) instead of failing.
+the first time a CUDA layer runs, and the C compiler runs (once per CPU and source version) the first time a CPU
+layer runs. Any failure there falls back (with one warning) instead of failing.
 """
 import ctypes
+import hashlib
 import importlib
 import math
+import os
+import platform
+import shutil
+import subprocess
 import threading
 from typing import Optional, Tuple
 
@@ -51,7 +66,7 @@ QUANTIZED_LINEARS = {
     "self_attention": ("query_key_value", "dense"),
     "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
 }
-CPU_BACKENDS = ("cpu-int8pack", "cpu-int4pack")
+CPU_BACKENDS = ("cpu-avx512", "cpu-int8pack", "cpu-int4pack")
 CUDA_BACKENDS = ("cuda-cpm_kernels", "cuda-nvrtc")
 BACKENDS = CPU_BACKENDS + CUDA_BACKENDS + ("torch-dequant",)
 
@@ -213,6 +228,406 @@ def _int4_group_size(k):
         if k % gs == 0:
             return gs
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU kernels (x86-64 with AVX-512): readable C, compiled at run time with the host's C compiler, loaded with ctypes
+# ---------------------------------------------------------------------------------------------------------------------
+CPU_SOURCE = r"""
+/* Weight-only int8 / int4 matmul and dequantize for x86-64 CPUs with AVX-512 (F + BW), compiled at run time
+ * with the host's C compiler (-O3 -march=native, plus -fopenmp when available) by quantization.py.
+ *
+ * Weight layout ("blocked"): rows are taken in blocks of 8; inside a block the weight is stored one 64-byte line
+ * per row and column chunk, chunk-major:  [N / 8][chunks][8 rows][64 bytes].  A block is one sequential stream
+ * that the hardware prefetchers follow. (Row-major rows are one 4 KiB page each at K = 4096; a GEMV reading 8 such
+ * rows side by side runs at about half the memory bandwidth.)
+ *   int8: chunk t of row r holds columns 64t .. 64t+63, in order.
+ *   int4: chunk t of row r holds columns 128t .. 128t+127: byte 32h+j (h = 0, 1; j = 0..31) has column
+ *         128t+64h+j in its low nibble and column 128t+64h+32+j in its high nibble (4-bit two's complement).
+ *         So 32 bytes widened to 16-bit lanes give 32 consecutive columns from the low nibbles and the next 32
+ *         from the high nibbles, and 16 bytes widened to 32-bit lanes give two runs of 16 columns.
+ * out[m][n] = scale[n] * sum_k x[m][k] * q[n][k], accumulated in fp32.
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <immintrin.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "these kernels need AVX-512 F and BW"
+#endif
+
+#define ROWS 8            /* rows per block */
+#define PREFETCH 8192     /* bytes ahead of the line being read */
+
+/* The 16 values of a 4-bit two's complement nibble, as floats: vpermps looks nibbles up in it directly. */
+static inline __m512 nibble_table(void) {
+    return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+}
+
+/* 16 int8 weights -> 16 floats */
+static inline __m512 int8x16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* 16 bytes of int4 weights -> their 16 low and 16 high nibbles as floats */
+static inline __m512i bytes16(const int8_t *p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+}
+static inline __m512 low_nibbles(__m512i b, __m512 table) { return _mm512_permutexvar_ps(b, table); }
+static inline __m512 high_nibbles(__m512i b, __m512 table) {
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+}
+/* first column of the low / high nibbles of bytes 16g .. 16g+15 of an int4 line (g = 0..3) */
+static inline int64_t low_column(int g) { return 64 * (g >> 1) + 16 * (g & 1); }
+static inline int64_t high_column(int g) { return low_column(g) + 32; }
+
+/* dot products of one fp32 x row with the 8 rows of one block, times their scales */
+static void block_dot_int8(const float *x, const int8_t *block, int64_t k, const float *scale, float *out) {
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 64) {
+        const __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
+        const __m512 x2 = _mm512_loadu_ps(x + c + 32), x3 = _mm512_loadu_ps(x + c + 48);
+        const int8_t *line = block + c * ROWS;
+        for (int r = 0; r < ROWS; r++, line += 64) {
+            _mm_prefetch((const char *)line + PREFETCH, _MM_HINT_T0);
+            acc[r][0] = _mm512_fmadd_ps(int8x16(line), x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(int8x16(line + 16), x1, acc[r][1]);
+            acc[r][0] = _mm512_fmadd_ps(int8x16(line + 32), x2, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(int8x16(line + 48), x3, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) * scale[r];
+}
+
+static void block_dot_int4(const float *x, const int8_t *block, int64_t k, const float *scale, float *out) {
+    const __m512 table = nibble_table();
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 128) {
+        const int8_t *line = block + (c / 2) * ROWS;
+        for (int r = 0; r < ROWS; r++, line += 64) {
+            _mm_prefetch((const char *)line + PREFETCH, _MM_HINT_T0);
+            for (int g = 0; g < 4; g++) {
+                const __m512i b = bytes16(line + 16 * g);
+                acc[r][0] = _mm512_fmadd_ps(low_nibbles(b, table), _mm512_loadu_ps(x + c + low_column(g)), acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(high_nibbles(b, table), _mm512_loadu_ps(x + c + high_column(g)),
+                                            acc[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) * scale[r];
+}
+
+#ifdef __AVX512BF16__
+/* int4 with one bf16 x row (bf16 models): nibbles -> bf16 by a 16-bit table lookup (vpermw), then vdpbf16ps,
+ * which multiplies 32 bf16 pairs exactly and adds them in fp32: half the instructions of the fp32 path, which
+ * matters because int4 decoding is compute-bound there. */
+static void block_dot_int4_bf16(const uint16_t *x, const int8_t *block, int64_t k, const float *scale, float *out) {
+    uint16_t values[32];  /* bf16 bit patterns of the nibble values; vpermw uses 5 index bits, so repeat them */
+    for (int e = 0; e < 32; e++) {
+        union { float f; uint32_t u; } v = { .f = (float)(((e & 15) ^ 8) - 8) };
+        values[e] = (uint16_t)(v.u >> 16);
+    }
+    const __m512i table = _mm512_loadu_si512(values);
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 128) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + c), x1 = (__m512bh)_mm512_loadu_si512(x + c + 32);
+        const __m512bh x2 = (__m512bh)_mm512_loadu_si512(x + c + 64), x3 = (__m512bh)_mm512_loadu_si512(x + c + 96);
+        const int8_t *line = block + (c / 2) * ROWS;
+        for (int r = 0; r < ROWS; r++, line += 64) {
+            _mm_prefetch((const char *)line + PREFETCH, _MM_HINT_T0);
+            const __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)line));
+            const __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(line + 32)));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_permutexvar_epi16(b0, table), x0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b0, 4), table),
+                                         x1);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_permutexvar_epi16(b1, table), x2);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b1, 4), table),
+                                         x3);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) * scale[r];
+}
+#endif
+
+/* The same for 2 to 4 fp32 x rows at once: each weight is converted once and used for every x row. The block is
+ * walked in two halves of 4 rows so that the 4 x 4 accumulators stay in registers. out has row stride n. */
+static inline __attribute__((always_inline)) void block_dot_multi(const float *x, int mc, const int8_t *block,
+                                                                 int bits, int64_t k, const float *scale,
+                                                                 float *out, int64_t n) {
+    const __m512 table = nibble_table();
+    const int64_t step = bits == 8 ? 64 : 128;  /* columns per line */
+    for (int half = 0; half < 2; half++) {
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < k; c += step) {
+            const int8_t *line = block + (c * bits / 8) * ROWS + half * 4 * 64;
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++, line += 64) {
+                _mm_prefetch((const char *)line + PREFETCH, _MM_HINT_T0);
+                _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
+                    if (bits == 8) {
+                        const __m512 w = int8x16(line + 16 * g);
+                        _Pragma("GCC unroll 4") for (int i = 0; i < mc; i++)
+                            acc[i][r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * k + c + 16 * g), acc[i][r]);
+                    } else {
+                        const __m512i b = bytes16(line + 16 * g);
+                        const __m512 lo = low_nibbles(b, table), hi = high_nibbles(b, table);
+                        _Pragma("GCC unroll 4") for (int i = 0; i < mc; i++) {
+                            acc[i][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + i * k + c + low_column(g)), acc[i][r]);
+                            acc[i][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + i * k + c + high_column(g)), acc[i][r]);
+                        }
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < mc; i++)
+            for (int r = 0; r < 4; r++)
+                out[i * n + half * 4 + r] = _mm512_reduce_add_ps(acc[i][r]) * scale[half * 4 + r];
+    }
+}
+
+/* out [m, n] (fp32) = x [m, k] @ dequantized(w)^T.  x: fp32 [m, k]; x_bf16: the same rows in bf16, or NULL
+ * (used for int4 with m == 1 where the CPU has AVX512-BF16).  n % 8 == 0; k % 64 (int8) or k % 128 (int4) == 0. */
+void chatglm_cpu_matmul(const float *x, const uint16_t *x_bf16, int64_t m, const int8_t *w, int bits,
+                        const float *scale, float *out, int64_t n, int64_t k, int threads) {
+    const int64_t block_bytes = ROWS * k * bits / 8;
+#ifndef __AVX512BF16__
+    (void)x_bf16;
+#endif
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n / ROWS; b++) {
+        const int8_t *block = w + b * block_bytes;
+        const float *s = scale + b * ROWS;
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) block_dot_multi(x + i * k, 4, block, bits, k, s, out + i * n + b * ROWS, n);
+        switch (m - i) {
+        case 3: block_dot_multi(x + i * k, 3, block, bits, k, s, out + i * n + b * ROWS, n); break;
+        case 2: block_dot_multi(x + i * k, 2, block, bits, k, s, out + i * n + b * ROWS, n); break;
+        case 1:
+            if (bits == 8) {
+                block_dot_int8(x + i * k, block, k, s, out + i * n + b * ROWS);
+                break;
+            }
+#ifdef __AVX512BF16__
+            if (x_bf16 != NULL) {
+                block_dot_int4_bf16(x_bf16 + i * k, block, k, s, out + i * n + b * ROWS);
+                break;
+            }
+#endif
+            block_dot_int4(x + i * k, block, k, s, out + i * n + b * ROWS);
+        }
+    }
+}
+
+/* 16 floats -> 16 values of the output type at dst (0: fp32, 1: bf16, 2: fp16), rounded to nearest even */
+static inline void store16(void *dst, int64_t index, __m512 v, int out_type) {
+    if (out_type == 0) {
+        _mm512_storeu_ps((float *)dst + index, v);
+    } else if (out_type == 2) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + index),
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        /* bf16: round to nearest even on the bits (the values are finite: |q * scale| <= 128 * max|scale|) */
+        __m512i u = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + index), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    }
+}
+
+/* out [n, k] (row-major, in out_type) = q * scale, rounded once: the same as torch's q.to(T) * scale for a
+ * model-dtype scale (given here widened to fp32; q * scale is then exact in fp32). */
+void chatglm_cpu_dequantize(const int8_t *w, int bits, const float *scale, void *out, int out_type,
+                            int64_t n, int64_t k, int threads) {
+    const int64_t block_bytes = ROWS * k * bits / 8;
+    const int64_t step = bits == 8 ? 64 : 128;  /* columns per line */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n / ROWS; b++) {
+        const __m512 table = nibble_table();
+        for (int64_t c = 0; c < k; c += step) {
+            const int8_t *line = w + b * block_bytes + (c * bits / 8) * ROWS;
+            for (int r = 0; r < ROWS; r++, line += 64) {
+                const int64_t row = b * ROWS + r;
+                const __m512 s = _mm512_set1_ps(scale[row]);
+                for (int g = 0; g < 4; g++) {
+                    if (bits == 8) {
+                        store16(out, row * k + c + 16 * g, _mm512_mul_ps(int8x16(line + 16 * g), s), out_type);
+                    } else {
+                        const __m512i v = bytes16(line + 16 * g);
+                        store16(out, row * k + c + low_column(g), _mm512_mul_ps(low_nibbles(v, table), s), out_type);
+                        store16(out, row * k + c + high_column(g), _mm512_mul_ps(high_nibbles(v, table), s), out_type);
+                    }
+                }
+            }
+        }
+    }
+}
+"""
+
+_CPU_BLOCK_ROWS = 8
+_CPU_GEMV_MAX_ROWS = 16  # inputs with more rows: dequantize once per call and let torch's GEMM do the work
+_CPU_OUT_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CPU_COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
+_cpu_lib = None  # None: not tried yet; False: unavailable here
+
+
+def _cpu_columns_per_line(bits):
+    return 64 if bits == 8 else 128
+
+
+def _cpu_kernel_shape_ok(bits, in_features, out_features):
+    return out_features % _CPU_BLOCK_ROWS == 0 and in_features % _cpu_columns_per_line(bits) == 0
+
+
+def _cpu_blocked_pack(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored format [N, K*bits/8] -> the C kernels' blocked layout (see CPU_SOURCE), as a flat int8 tensor.
+    Row blocks are independent, so this runs in chunks of rows to bound the temporaries."""
+    if stored.shape[0] > _PACK_CHUNK_ROWS:
+        return torch.cat([_cpu_blocked_pack(stored[i:i + _PACK_CHUNK_ROWS], bits)
+                          for i in range(0, stored.shape[0], _PACK_CHUNK_ROWS)])
+    n = stored.shape[0]
+    k = stored.shape[1] * 8 // bits
+    chunks = k // _cpu_columns_per_line(bits)
+    if bits == 8:
+        lines = stored.reshape(n, chunks, 64)
+    else:
+        codes = (unpack_int4(stored) & 0xF).to(torch.uint8).reshape(n, chunks, 2, 2, 32)  # [.., h, low/high, j]
+        lines = (codes[:, :, :, 0, :] | (codes[:, :, :, 1, :] << 4)).view(torch.int8).reshape(n, chunks, 64)
+    return lines.reshape(n // _CPU_BLOCK_ROWS, _CPU_BLOCK_ROWS, chunks, 64).transpose(1, 2).contiguous().reshape(-1)
+
+
+def _cpu_blocked_unpack(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`_cpu_blocked_pack`: blocked layout -> stored format [N, K*bits/8]."""
+    chunks = k // _cpu_columns_per_line(bits)
+    lines = packed.reshape(n // _CPU_BLOCK_ROWS, chunks, _CPU_BLOCK_ROWS, 64).transpose(1, 2).reshape(n, chunks, 64)
+    if bits == 8:
+        return lines.reshape(n, k).contiguous()
+    b = lines.view(torch.uint8).reshape(n, chunks, 2, 32)
+    codes = torch.stack((b & 0xF, b >> 4), dim=3).reshape(n, k).to(torch.int16)  # column order restored
+    return pack_int4((((codes ^ 8) - 8)).to(torch.int8))
+
+
+def _cpu_kernel_dir() -> str:
+    """Where the compiled library is cached: beside transformers' remote-code modules (under HF_HOME)."""
+    try:
+        from transformers.utils import HF_MODULES_CACHE
+    except ImportError:  # pragma: no cover
+        HF_MODULES_CACHE = os.path.join(os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"),
+                                        "modules")
+    return os.path.join(HF_MODULES_CACHE, "chatglm3_cpu_kernels")
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compile_cpu_kernels(compiler: str, path: str) -> bool:
+    """Compile CPU_SOURCE into the shared library ``path``. The only process this package ever starts: the C
+    compiler, with a fixed argument list (no shell). With OpenMP if the compiler has it (the library then shares
+    torch's libgomp and its thread count), else single-threaded."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    source = path[:-3] + ".c"
+    with open(source, "w") as f:
+        f.write(CPU_SOURCE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    errors = ""
+    for extra in (["-fopenmp"], []):
+        try:
+            proc = subprocess.run([compiler, *_CPU_COMPILE_FLAGS, *extra, source, "-o", tmp],
+                                  capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            errors = str(e)
+            break
+        if proc.returncode == 0:
+            os.replace(tmp, path)  # atomic: concurrent processes never load a half-written library
+            return True
+        errors = proc.stderr
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    logger.info("could not compile the CPU quantization kernels: %s", errors.strip()[-2000:])
+    return False
+
+
+def _self_check(lib) -> bool:
+    """A small matmul and dequantize against the plain torch path: refuse a library that computes anything else."""
+    gen = torch.Generator().manual_seed(0)
+    for bits in SUPPORTED_BITS:
+        n, k = 16, 256
+        stored, scale = quantize_weight(torch.randn(n, k, generator=gen), bits)
+        packed = _cpu_blocked_pack(stored, bits)
+        if not torch.equal(_cpu_blocked_unpack(packed, bits, n, k), stored):
+            return False
+        weight = dequantize_weight(stored, scale, bits)
+        for rows in (1, 3):
+            x = torch.randn(rows, k, generator=gen).bfloat16().float()
+            x_bf16 = x.bfloat16()
+            out = torch.empty(rows, n)
+            lib.chatglm_cpu_matmul(x.data_ptr(), x_bf16.data_ptr(), rows, packed.data_ptr(), bits, scale.data_ptr(),
+                                   out.data_ptr(), n, k, 1)
+            if not torch.allclose(out, x @ weight.t(), rtol=1e-4, atol=1e-4):
+                return False
+        scale_bf16 = scale.bfloat16()
+        widened = scale_bf16.float()  # the kernel gets the model-dtype scale, widened to fp32 (exactly)
+        dense = torch.empty(n, k, dtype=torch.bfloat16)
+        lib.chatglm_cpu_dequantize(packed.data_ptr(), bits, widened.data_ptr(), dense.data_ptr(), 1, n, k, 1)
+        if not torch.equal(dense, dequantize_weight(stored, scale_bf16, bits)):
+            return False
+    return True
+
+
+def _load_cpu_kernels():
+    """The compiled CPU kernel library, or None where it cannot be had (not x86-64, no AVX-512, no C compiler,
+    ``CHATGLM_CPU_KERNELS=0``): then the torch packed kernels run instead."""
+    global _cpu_lib
+    if _cpu_lib is not None:
+        return _cpu_lib or None
+    with _lock:
+        if _cpu_lib is not None:
+            return _cpu_lib or None
+        _cpu_lib = False
+        if os.environ.get("CHATGLM_CPU_KERNELS", "1") == "0":
+            return None
+        if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix":
+            return None
+        signature = _cpu_signature()
+        if "avx512f" not in signature or "avx512bw" not in signature:
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not compiler:
+            _warn_once("no-cc", "No C compiler found (set CC or install gcc): quantized CPU layers use torch's "
+                       "slower packed kernels instead of this package's AVX-512 kernels.")
+            return None
+        key = hashlib.sha256("\0".join((CPU_SOURCE, compiler, " ".join(_CPU_COMPILE_FLAGS), signature)).encode())
+        path = os.path.join(_cpu_kernel_dir(), f"chatglm_cpu_{key.hexdigest()[:20]}.so")
+        try:
+            if not os.path.exists(path) and not _compile_cpu_kernels(compiler, path):
+                _warn_once("cc-failed", "Compiling the AVX-512 CPU quantization kernels failed (details at INFO "
+                           "level); quantized CPU layers use torch's slower packed kernels instead.")
+                return None
+            lib = ctypes.CDLL(path)
+            ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.chatglm_cpu_matmul.argtypes = [ptr, ptr, i64, ptr, i32, ptr, ptr, i64, i64, i32]
+            lib.chatglm_cpu_matmul.restype = None
+            lib.chatglm_cpu_dequantize.argtypes = [ptr, i32, ptr, ptr, i32, i64, i64, i32]
+            lib.chatglm_cpu_dequantize.restype = None
+            ok = _self_check(lib)
+        except OSError as e:
+            logger.info("could not load the CPU quantization kernels: %s", e)
+            ok = False
+        if not ok:
+            _warn_once("cpu-kernel-check", "The AVX-512 CPU quantization kernels failed their self-check; quantized "
+                       "CPU layers use torch's packed kernels instead.")
+            return None
+        _cpu_lib = lib
+        return lib
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,6 +821,8 @@ def get_quantization_backend_override() -> Optional[str]:
 def _cpu_kernel_usable(name, bits, in_features, out_features, dtype):
     if dtype not in _INT4_FLOAT_DTYPES:
         return False
+    if name == "cpu-avx512":
+        return _cpu_kernel_shape_ok(bits, in_features, out_features) and _load_cpu_kernels() is not None
     if name == "cpu-int8pack":
         # The AVX-512 kernel reads 16 columns at a time with no tail handling (wrong results / crashes otherwise).
         return (bits == 8 and in_features % 16 == 0
@@ -421,7 +838,7 @@ def _select_backend(layer, device, dtype) -> str:
     bits, k, n = layer.weight_bit_width, layer.in_features, layer.out_features
     forced = _backend_override
     if device.type == "cpu":
-        candidates = [forced] if forced else ["cpu-int8pack" if bits == 8 else "cpu-int4pack"]
+        candidates = [forced] if forced else ["cpu-avx512", "cpu-int8pack" if bits == 8 else "cpu-int4pack"]
         for name in candidates:
             if name == "torch-dequant":
                 return name
@@ -453,13 +870,14 @@ class QuantizedLinear(torch.nn.Module):
     Parameters (the checkpoint keys): ``weight`` int8 [out, in*bits/8], ``weight_scale`` [out] and ``bias``
     [out] or None, both in the model dtype.
 
-    With the ``cpu-int4pack`` backend the weight is repacked once, on the first forward, into torch's CPU
-    kernel layout. The packed bytes live in the non-persistent buffer ``packed_weight`` (same size as the stored
-    weight) and ``weight`` becomes an empty placeholder, so the layer never holds two copies;
+    With the ``cpu-avx512`` and ``cpu-int4pack`` backends the weight is repacked once, on the first forward, into
+    that kernel's layout. The packed bytes live in the non-persistent buffer ``packed_weight`` (same size as the
+    stored weight) and ``weight`` becomes an empty placeholder, so the layer never holds two copies;
     ``state_dict()`` unpacks it and gives back the stored format bit for bit, and :meth:`stored_weight` returns it.
     Replacing or loading ``weight`` again (``load_state_dict``, transformers' loaders, ``module.weight = ...``)
-    makes the stored format authoritative again. The per-group scale table the int4 kernel needs is the buffer
-    ``scale_table`` (3-6 % of the int4 weight bytes); both buffers count in ``get_memory_footprint()``.
+    makes the stored format authoritative again. The scales in the form the kernel wants are the buffer
+    ``scale_table`` (fp32 [out] for ``cpu-avx512``; a per-group table, 3-6 % of the int4 weight bytes, for
+    ``cpu-int4pack``); both buffers count in ``get_memory_footprint()``.
     """
 
     def __init__(self, in_features, out_features, bits, bias=False, dtype=torch.float16, device=None):
@@ -482,6 +900,7 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("packed_weight", None, persistent=False)
         self.register_buffer("scale_table", None, persistent=False)
         self._scale_table_key = None
+        self._layout = None  # layout of packed_weight: "int4pack" or "blocked"
         self._last_backend = None
 
     # -- construction -------------------------------------------------------------------------------------------------
@@ -522,30 +941,49 @@ class QuantizedLinear(torch.nn.Module):
     def stored_weight(self) -> torch.Tensor:
         """The weight in the published storage format, whatever layout is resident."""
         if self._is_packed():
-            return _cpu_int4_unpack(self.packed_weight.cpu(), self.out_features, self.in_features).to(
-                self.packed_weight.device)
+            packed = self.packed_weight.cpu()
+            if self._layout == "blocked":
+                stored = _cpu_blocked_unpack(packed, self.weight_bit_width, self.out_features, self.in_features)
+            else:
+                stored = _cpu_int4_unpack(packed, self.out_features, self.in_features)
+            return stored.to(self.packed_weight.device)
         return self.weight
 
     def _unpack_to_stored(self):
         if self._is_packed():
             stored = self.stored_weight()
             self.packed_weight = None
+            self._layout = None
             self.weight = torch.nn.Parameter(stored, requires_grad=False)
 
-    def _pack_cpu_int4(self):
-        packed = _cpu_int4_pack(self.weight.detach())
+    def _pack(self, layout):
+        """Make ``layout`` ("int4pack": torch's int4 CPU layout; "blocked": the C kernels') the resident one."""
+        if self._is_packed() and self._layout == layout:
+            return
+        self._unpack_to_stored()
+        stored = self.weight.detach()
+        if layout == "blocked":
+            packed = _cpu_blocked_pack(stored, self.weight_bit_width)
+        else:
+            packed = _cpu_int4_pack(stored)
         self.packed_weight = packed
-        placeholder = torch.empty(0, dtype=torch.int8, device=self.weight.device)
+        self._layout = layout
+        placeholder = torch.empty(0, dtype=torch.int8, device=stored.device)
         self.weight = torch.nn.Parameter(placeholder, requires_grad=False)
 
-    def _scale_table_for(self, dtype):
-        """[K/group, N, 2] (scale, zero=0) table in ``dtype`` for the int4 CPU kernel; rebuilt if the scale changes."""
+    def _scale_table_for(self, dtype, layout):
+        """The scales as the kernel for ``layout`` takes them, rebuilt if ``weight_scale`` changes: fp32 [N] for
+        "blocked"; a [K/group, N, 2] (scale, zero=0) table in ``dtype`` for "int4pack"."""
         scale = self.weight_scale
-        key = (scale.data_ptr(), scale._version, scale.dtype, dtype)
-        if self.scale_table is None or self._scale_table_key != key or self.scale_table.dtype != dtype:
-            groups = self.in_features // _int4_group_size(self.in_features)
+        key = (scale.data_ptr(), scale._version, scale.dtype, dtype, layout)
+        if self.scale_table is None or self._scale_table_key != key:
             s = scale.detach().to(dtype)
-            table = torch.stack((s[None, :].expand(groups, -1), torch.zeros_like(s)[None, :].expand(groups, -1)), -1)
+            if layout == "blocked":
+                table = s
+            else:
+                groups = self.in_features // _int4_group_size(self.in_features)
+                table = torch.stack((s[None, :].expand(groups, -1), torch.zeros_like(s)[None, :].expand(groups, -1)),
+                                    -1)
             self.scale_table = table.contiguous()
             self._scale_table_key = key
         return self.scale_table
@@ -564,6 +1002,7 @@ class QuantizedLinear(torch.nn.Module):
                                    self.weight_bit_width)
             # The incoming stored weight replaces whatever layout is resident.
             self.packed_weight = None
+            self._layout = None
             self.scale_table = None
             if self.weight is None or tuple(self.weight.shape) != self._expected_weight_shape():
                 self.weight = torch.nn.Parameter(
@@ -588,13 +1027,34 @@ class QuantizedLinear(torch.nn.Module):
         return _select_backend(self, device, dtype)
 
     def _packed_matmul(self, x2, backend):
+        if backend == "cpu-avx512":
+            return self._cpu_kernel_matmul(x2)
         if backend == "cpu-int8pack":
             self._unpack_to_stored()
             return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale.detach().to(x2.dtype))
-        if not self._is_packed():
-            self._pack_cpu_int4()
+        self._pack("int4pack")
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed_weight, _int4_group_size(self.in_features), self._scale_table_for(x2.dtype))
+            x2, self.packed_weight, _int4_group_size(self.in_features), self._scale_table_for(x2.dtype, "int4pack"))
+
+    def _cpu_kernel_matmul(self, x2):
+        """cpu-avx512: fused dequantize-and-multiply for up to _CPU_GEMV_MAX_ROWS rows (memory-bound decode), else
+        dequantize into a temporary in the input dtype and use torch's GEMM (compute-bound prefill)."""
+        lib = _load_cpu_kernels()
+        self._pack("blocked")
+        n, k, bits = self.out_features, self.in_features, self.weight_bit_width
+        scale = self._scale_table_for(torch.float32, "blocked")
+        threads = torch.get_num_threads()
+        if x2.shape[0] <= _CPU_GEMV_MAX_ROWS:
+            xf = x2.to(torch.float32).contiguous()
+            x_bf16 = x2.data_ptr() if x2.dtype == torch.bfloat16 else None  # x2 is contiguous
+            out = torch.empty(x2.shape[0], n, dtype=torch.float32)
+            lib.chatglm_cpu_matmul(xf.data_ptr(), x_bf16, x2.shape[0], self.packed_weight.data_ptr(), bits,
+                                   scale.data_ptr(), out.data_ptr(), n, k, threads)
+            return out.to(x2.dtype)
+        weight = torch.empty(n, k, dtype=x2.dtype)
+        lib.chatglm_cpu_dequantize(self.packed_weight.data_ptr(), bits, scale.data_ptr(), weight.data_ptr(),
+                                   _CPU_OUT_TYPE[x2.dtype], n, k, threads)
+        return F.linear(x2, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
