@@ -5,6 +5,7 @@ import ast
 import copy
 import io
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -519,3 +520,212 @@ def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
     assert quant_bytes / float_bytes > (0.5 if bits == 8 else 0.25)
     # get_memory_footprint sees the packed buffers too
     assert footprint_before - model.get_memory_footprint() == float_bytes - quant_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cpu-avx512: this package's C kernels, compiled at run time for the host CPU
+# ---------------------------------------------------------------------------------------------------------------------
+def _host_can_build_cpu_kernels():
+    import platform
+    import shutil
+
+    flags = Q._cpu_signature()
+    return (platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in flags and "avx512bw" in flags
+            and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+            and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
+
+
+needs_cpu_kernels = pytest.mark.skipif(not _host_can_build_cpu_kernels(),
+                                       reason="needs x86-64 with AVX-512 F/BW and a C compiler")
+KERNEL_OUT, KERNEL_IN = 80, 384  # 10 row blocks of 3 chunks (and shapes torch's int4 kernel takes too)
+
+
+def test_cpu_kernels_are_used_where_the_host_can_build_them():
+    """On a machine like CI's (AVX-512 and gcc), the kernels must build, pass their self-check and be the automatic
+    CPU choice: a silent fallback would hide a broken kernel behind torch's slower one."""
+    if not _host_can_build_cpu_kernels():
+        pytest.skip("this host cannot build the AVX-512 kernels")
+    assert Q._load_cpu_kernels() is not None
+    if not torch.cuda.is_available():
+        assert Q.quantization_backend() == "cpu-avx512"
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_blocked_layout_matches_its_description(bits):
+    """The layout as CPU_SOURCE's comment describes it, checked line by line from the int values."""
+    n, k = 24, 256
+    gen = torch.Generator().manual_seed(bits)
+    qmax = 127 if bits == 8 else 7
+    q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+    stored = q.clone() if bits == 8 else reference_pack_int4(q)
+    packed = Q._cpu_blocked_pack(stored, bits)
+    assert packed.numel() == stored.numel() and packed.dtype == torch.int8
+    # [N/8][K/128][8 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)]
+    chunks = packed.view(torch.uint8).reshape(n // 8, k // 128, 8, 128 * bits // 8)
+    codes = q.view(torch.uint8) if bits == 8 else (q & 0xF).view(torch.uint8)
+    for b in range(n // 8):
+        for t in range(k // 128):
+            for r in range(8):
+                line, row = chunks[b, t, r], codes[8 * b + r, t * 128:(t + 1) * 128]
+                if bits == 8:
+                    assert torch.equal(line, row)
+                else:  # byte 32h+j: column 64h+j in the low nibble, column 64h+32+j in the high nibble
+                    for h in range(2):
+                        assert torch.equal(line[32 * h:32 * h + 32] & 0xF, row[64 * h:64 * h + 32])
+                        assert torch.equal(line[32 * h:32 * h + 32] >> 4, row[64 * h + 32:64 * h + 64])
+    assert torch.equal(Q._cpu_blocked_unpack(packed, bits, n, k), stored)
+    old = Q._PACK_CHUNK_ROWS
+    try:
+        Q._PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
+        assert torch.equal(Q._cpu_blocked_pack(stored, bits), packed)
+    finally:
+        Q._PACK_CHUNK_ROWS = old
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
+    lin, layer = _layer(bits, dtype, out=KERNEL_OUT, inp=KERNEL_IN)
+    assert layer.backend_for() == "cpu-avx512"
+    deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
+    gen = torch.Generator().manual_seed(7)
+    # 1 row (decode; the bf16 dot-product path for int4 bf16), 2-4 rows (shared conversion), remainders, the
+    # 16-row limit, then the dequantize + GEMM path
+    for rows in (1, 2, 3, 4, 5, 7, 16, 17, 64):
+        x = torch.randn(rows, KERNEL_IN, generator=gen).to(dtype)
+        with torch.no_grad():
+            out = layer(x)
+        assert layer._last_backend == "cpu-avx512" and out.dtype == dtype and out.shape == (rows, KERNEL_OUT)
+        reference = F.linear(x.float(), deq.float(), lin.bias.float())
+        # fp32 accumulation everywhere: the error is the output rounding (bf16 2^-9, fp16 2^-12 relative)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        assert _rel_err(out, reference) < tol, (rows, _rel_err(out, reference))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_dequantize_is_bit_exact(dtype, bits):
+    _, layer = _layer(bits, dtype, out=KERNEL_OUT, inp=KERNEL_IN)
+    stored = layer.weight.detach().clone()
+    expected = Q.dequantize_weight(stored, layer.weight_scale, bits)
+    x = torch.randn(40, KERNEL_IN).to(dtype)  # > 16 rows: dequantize + F.linear
+    with torch.no_grad():
+        out = layer(x)
+        assert layer._last_backend == "cpu-avx512" and layer._layout == "blocked"
+        dense = torch.empty(KERNEL_OUT, KERNEL_IN, dtype=dtype)
+        scale = layer._scale_table_for(torch.float32, "blocked")
+        Q._load_cpu_kernels().chatglm_cpu_dequantize(layer.packed_weight.data_ptr(), bits, scale.data_ptr(),
+                                                     dense.data_ptr(), Q._CPU_OUT_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
+        assert torch.equal(dense, expected)
+        assert torch.equal(out, F.linear(x, expected) + layer.bias)
+
+
+@needs_cpu_kernels
+def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
+    _, layer = _layer(4, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN)
+    x = torch.randn(3, KERNEL_IN, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = [layer(x[:1]), layer(x)]
+            torch.set_num_threads(2)
+            two = [layer(x[:1]), layer(x)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_layout_life_cycle(bits):
+    lin, layer = _layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN)
+    stored = layer.weight.detach().clone()
+    x = torch.randn(2, KERNEL_IN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer(x)
+    assert layer._layout == "blocked" and layer.weight.numel() == 0  # one resident copy, same size
+    assert layer.packed_weight.numel() == stored.numel()
+    packed = layer.packed_weight
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    assert layer.packed_weight is packed  # not repacked per call
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias"} and torch.equal(sd["weight"], stored)
+    assert torch.equal(layer.stored_weight(), stored)
+    # switching to torch's kernel and back changes the resident layout, never the stored weight
+    Q.set_quantization_backend(CPU_BACKEND_FOR_BITS[bits])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), first, rtol=1e-2, atol=1e-2)
+    assert layer._last_backend == CPU_BACKEND_FOR_BITS[bits]
+    assert torch.equal(layer.state_dict()["weight"], stored)
+    Q.set_quantization_backend(None)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    # gradients reach the input through the dequantized weight
+    xg = x.float().requires_grad_()
+    layer32 = copy.deepcopy(layer).float()
+    layer32(xg).sum().backward()
+    deq = Q.dequantize_weight(stored, layer32.weight_scale, bits)
+    torch.testing.assert_close(xg.grad, deq.sum(0).expand(2, -1))
+    # device moves go back to the stored format; loading a new weight drops the packed copy
+    meta = copy.deepcopy(layer).to("meta")
+    assert meta.packed_weight is None and tuple(meta.weight.shape) == tuple(stored.shape)
+    _, other = _layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN, seed=1)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(layer(x), other(x))
+
+
+@pytest.fixture(scope="module")
+def kernel_float_dir(tmp_path_factory):
+    """A tiny model whose every block linear fits the kernels' width rules (in % 128, out % 8)."""
+    return make_model_dir(tmp_path_factory.mktemp("qkernel"), seed=4, hidden_size=128, ffn_hidden_size=256,
+                          kv_channels=32, num_attention_heads=4)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_model_matches_dequantized_float_model(kernel_float_dir, bits):
+    model = _quiet_load(kernel_float_dir).quantize(bits)
+    qmod = quantization_module_of(model)
+    assert qmod.quantization_backend(model) == "cpu-avx512"
+    ref = _dequantized_float_model(kernel_float_dir, model)
+    ids = _ids(n=12)
+    with torch.no_grad():
+        # prefill (24 rows: dequantize + GEMM), then cached one-token steps for the 2-row batch (GEMV kernels)
+        got = model(ids, use_cache=True)
+        want = ref(ids, use_cache=True)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+        step = ids[:, -1:] + 1
+        got2 = model(step, past_key_values=got.past_key_values, use_cache=True).logits
+        want2 = ref(step, past_key_values=want.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)
+        a = model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        b = ref.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+    assert {m._last_backend for m in block_linears(model).values()} == {"cpu-avx512"}
+
+
+_FALLBACK_CHILD = (
+    "import sys, importlib.util, torch; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
+    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+    "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8); "
+    "x = torch.randn(2, 256); ok = torch.allclose(layer(x), x @ m.dequantize_weight(layer.weight, layer.weight_scale, 8).t() "
+    "+ layer.bias, atol=1e-4); print(layer.backend_for(), ok)")
+
+
+@pytest.mark.parametrize("env", ({"CHATGLM_CPU_KERNELS": "0"}, {"CC": "/bin/false"}, {"CC": "/nonexistent/cc"}),
+                         ids=("disabled", "compiler-fails", "compiler-missing"))
+def test_cpu_kernels_fall_back_to_torch_kernels(tmp_path, env):
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    child_env.update(env, HF_HOME=str(tmp_path / "hf"))  # nothing cached: the compiler really runs
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO / "quantization.py")], env=child_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cpu-int8pack", "True"]
+    if _host_can_build_cpu_kernels() and "CC" in env:
+        assert proc.stderr.count("AVX-512 CPU quantization kernels") == 1  # one clear warning
+    assert not list((tmp_path / "hf").rglob("*.so"))
