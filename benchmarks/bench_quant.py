@@ -1,7 +1,9 @@
 """CPU benchmark of weight-only int8 / int4 against bf16 at ChatGLM3-6B widths.
 
-1. Per-linear microbenchmark (M = 1, one decode token): bf16 ``F.linear`` vs ``QuantizedLinear`` int8
-   (``cpu-int8pack``) and int4 (``cpu-int4pack``) for the four block linears of ChatGLM3-6B.
+1. Per-linear microbenchmark for the four block linears of ChatGLM3-6B, at M = 1 (one decode token) and M = 128
+   (a prefill): bf16 ``F.linear``, bf16 with the weight prepacked for oneDNN (what modeling_chatglm.py's ``Linear``
+   runs on CPU), and ``QuantizedLinear`` int8 / int4 with each CPU backend (``cpu-avx512``: this package's C
+   kernels; ``cpu-int8pack`` / ``cpu-int4pack``: torch's).
 2. Whole-model batch-1 greedy decode of a random ChatGLM3-6B-width model with ``--layers`` layers (default 4),
    bf16 vs ``quantize(8)`` vs ``quantize(4)``; the (unquantized) 65024 x 4096 output layer is included.
 
@@ -50,26 +52,37 @@ def timeit(fn, repeat, warmup=3):
     return best
 
 
-def microbench(Q, repeat):
-    rows = []
+def microbench(Q, repeat, rows_list=(1, 128)):
+    """{(linear, M): {variant: ms}} with variants bf16, bf16-prepacked, int8/<backend>, int4/<backend>."""
+    results = []
     gen = torch.Generator().manual_seed(0)
+    prepack = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for name, (n, k) in SHAPES.items():
-        lin = torch.nn.Linear(k, n, bias=name == "query_key_value", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
         with torch.no_grad():
             lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
-        x = torch.randn(1, k, dtype=torch.bfloat16, generator=gen)
-        q8 = Q.QuantizedLinear.from_linear(lin, 8)
-        q4 = Q.QuantizedLinear.from_linear(lin, 4)
-        with torch.no_grad():
-            t_bf16 = timeit(lambda: lin(x), repeat)
-            t_8 = timeit(lambda: q8(x), repeat)
-            t_4 = timeit(lambda: q4(x), repeat)
-        assert q8._last_backend == "cpu-int8pack" and q4._last_backend == "cpu-int4pack", (q8._last_backend,
-                                                                                          q4._last_backend)
-        rows.append(dict(linear=name, out=n, inp=k, bf16_ms=t_bf16 * 1e3, int8_ms=t_8 * 1e3, int4_ms=t_4 * 1e3,
-                         int8_speedup=t_bf16 / t_8, int4_speedup=t_bf16 / t_4))
-        del lin, q8, q4
-    return rows
+        packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 1) if prepack else None
+        layers = {bits: Q.QuantizedLinear.from_linear(lin, bits) for bits in (8, 4)}
+        for m in rows_list:
+            x = torch.randn(m, k, dtype=torch.bfloat16, generator=gen)
+            reps = max(2, repeat // m)
+            row = dict(linear=name, out=n, inp=k, rows=m)
+            with torch.no_grad():
+                row["bf16"] = timeit(lambda: lin(x), reps) * 1e3
+                if packed is not None:
+                    row["bf16-prepacked"] = timeit(
+                        lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), reps) * 1e3
+                for bits, layer in layers.items():
+                    for backend in ("cpu-avx512", "cpu-int8pack" if bits == 8 else "cpu-int4pack"):
+                        Q.set_quantization_backend(backend)
+                        if layer.backend_for() != backend:
+                            continue  # not available on this machine
+                        row[f"int{bits}/{backend}"] = timeit(lambda: layer(x), reps) * 1e3
+                        assert layer._last_backend == backend
+                    Q.set_quantization_backend(None)
+            results.append(row)
+        del lin, layers, packed
+    return results
 
 
 def build_model(layers):
@@ -140,14 +153,21 @@ def main():
     print(f"torch {info['torch']}, {args.threads} threads, CPU capability {info['cpu_capability']}")
 
     rows = microbench(Q, args.repeat)
-    print("\nPer-linear, M=1 (one decode token), bf16 activations; best-of-3 mean ms")
-    print(f"{'linear':<16}{'shape':>14}{'bf16':>9}{'int8':>9}{'int4':>9}{'int8 x':>8}{'int4 x':>8}")
-    for r in rows:
-        print(f"{r['linear']:<16}{str((r['out'], r['inp'])):>14}{r['bf16_ms']:9.3f}{r['int8_ms']:9.3f}"
-              f"{r['int4_ms']:9.3f}{r['int8_speedup']:8.2f}{r['int4_speedup']:8.2f}")
-    tot = {k: sum(r[k] for r in rows) for k in ("bf16_ms", "int8_ms", "int4_ms")}
-    print(f"{'one block':<16}{'':>14}{tot['bf16_ms']:9.3f}{tot['int8_ms']:9.3f}{tot['int4_ms']:9.3f}"
-          f"{tot['bf16_ms'] / tot['int8_ms']:8.2f}{tot['bf16_ms'] / tot['int4_ms']:8.2f}")
+    variants = [v for v in ("bf16", "bf16-prepacked", "int8/cpu-avx512", "int8/cpu-int8pack", "int4/cpu-avx512",
+                            "int4/cpu-int4pack") if any(v in r for r in rows)]
+    print("\nPer linear, bf16 activations; best-of-3 mean ms (and GB/s of weight bytes read)")
+    print(f"{'linear':<16}{'M':>4}" + "".join(f"{v:>20}" for v in variants))
+    for m in sorted({r["rows"] for r in rows}):
+        sub = [r for r in rows if r["rows"] == m]
+        for r in sub + [dict(linear="one block", rows=m, **{v: sum(x.get(v, float("nan")) for x in sub)
+                                                             for v in variants})]:
+            cells = []
+            for v in variants:
+                ms = r.get(v, float("nan"))
+                nbytes = sum(x["out"] * x["inp"] for x in sub) if r["linear"] == "one block" else r["out"] * r["inp"]
+                nbytes *= 2 if v.startswith("bf16") else (1 if v.startswith("int8") else 0.5)
+                cells.append(f"{ms:9.3f} ({nbytes / ms / 1e6:5.1f} GB/s)")
+            print(f"{r['linear']:<16}{m:>4}" + "".join(f"{c:>20}" for c in cells))
     result = dict(info=info, microbench=rows)
 
     if not args.skip_model:
