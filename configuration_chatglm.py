@@ -3,7 +3,8 @@
 Field names, order and defaults are those of the published ``configuration_chatglm.py`` so that
 published ``config.json`` files (and the converters of vLLM / llama.cpp that read them) keep working.
 Added on top: ``rope_ratio`` (the 32k/128k variants), ``original_rope`` (declared, informational),
-``num_hidden_layers`` as an alias of ``num_layers`` (transformers' caches read it), and validation.
+``num_hidden_layers`` as an alias of ``num_layers`` (transformers' caches read it), ``quantize_output_layer``
+(this package's optional quantized ``output_layer``; the original code cannot load such checkpoints), and validation.
 """
 from transformers import PretrainedConfig
 
@@ -41,6 +42,7 @@ class ChatGLMConfig(PretrainedConfig):
         attention_softmax_in_fp32=True,
         fp32_residual_connection=False,
         quantization_bit=0,
+        quantize_output_layer=False,
         pre_seq_len=None,
         prefix_projection=False,
         original_rope=True,
@@ -73,6 +75,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.attention_softmax_in_fp32 = attention_softmax_in_fp32
         self.fp32_residual_connection = fp32_residual_connection
         self.quantization_bit = quantization_bit
+        self.quantize_output_layer = quantize_output_layer
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
         self.original_rope = original_rope
@@ -81,6 +84,9 @@ class ChatGLMConfig(PretrainedConfig):
         # Validate before PretrainedConfig.__init__: transformers 5 runs its own validators there (comparing token
         # ids with vocab_size), which would fail with a bare TypeError on e.g. "padded_vocab_size": "128".
         self.validate_chatglm()
+        if quantize_output_layer and tie_word_embeddings:
+            raise ValueError("quantize_output_layer=true cannot be combined with tie_word_embeddings=true: the "
+                             "output layer's weight is then the (unquantized) input embedding table")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -121,6 +127,8 @@ class ChatGLMConfig(PretrainedConfig):
             raise ValueError(
                 f"ChatGLMConfig.quantization_bit must be one of {SUPPORTED_QUANTIZATION_BITS}, "
                 f"got {self.quantization_bit!r}")
+        if self.quantize_output_layer is True and not self.quantization_bit:
+            raise ValueError("ChatGLMConfig.quantize_output_layer=true needs quantization_bit 4 or 8")
         if self.pre_seq_len is not None and (
             isinstance(self.pre_seq_len, bool) or not isinstance(self.pre_seq_len, int) or self.pre_seq_len <= 0
         ):
@@ -135,7 +143,7 @@ class ChatGLMConfig(PretrainedConfig):
                 raise ValueError(f"ChatGLMConfig.{name} must be a probability in [0, 1), got {value!r}")
         for name in ("rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear",
                      "add_qkv_bias", "multi_query_attention", "fp32_residual_connection", "prefix_projection",
-                     "use_cache"):
+                     "use_cache", "quantize_output_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ChatGLMConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.layernorm_epsilon, (int, float)) or self.layernorm_epsilon <= 0:

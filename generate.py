@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on CPU, fp16 on CUDA")
     p.add_argument("--quantize", type=int, choices=[4, 8], help="weight-only int4/int8 quantization")
+    p.add_argument("--quantize-output-layer", action="store_true",
+                   help="with --quantize: quantize output_layer too (faster decoding; see README for the cost)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -139,6 +141,8 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda requested but CUDA is not available")
+    if args.quantize_output_layer and not args.quantize:
+        fail("--quantize-output-layer needs --quantize 4 or 8")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
@@ -149,8 +153,8 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
     except TypeError:  # transformers < 4.56 names it torch_dtype
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, torch_dtype=dtype)
-    if args.quantize:
-        model.quantize(args.quantize)  # on CPU first: the full-precision weights never reach the GPU
+    if args.quantize:  # on CPU first: the full-precision weights never reach the GPU
+        model.quantize(args.quantize, quantize_output_layer=args.quantize_output_layer)
     model = model.to(device).eval()
 
     torch.manual_seed(args.seed)

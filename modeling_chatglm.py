@@ -586,6 +586,12 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 f"the checkpoint is quantized (it has {scales[0]} and {len(scales) - 1} more weight_scale tensors), "
                 f"but config.quantization_bit is 0: its int8 weights would be used as float weights. Set "
                 f"quantization_bit (4 or 8) in config.json to the checkpoint's width.")
+        head_scales = [k for k in scales if k.endswith("output_layer.weight_scale")]
+        if head_scales:
+            raise ValueError(
+                f"the checkpoint's output_layer is quantized (it has {head_scales[0]}), but "
+                f"config.quantize_output_layer is false: its int8 weight would be used as a float weight. Set "
+                f"quantize_output_layer to true in config.json.")
         missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
         if missing and not allow_missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -664,8 +670,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.embedding = Embedding(config, device=device)
         self.rotary_pos_emb = RotaryEmbedding(config, device=device)
         self.encoder = GLMTransformer(config, device=device)
-        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
-        self.output_layer.prepack = not config.tie_word_embeddings  # a tied weight is the embedding table too
+        if config.quantization_bit and getattr(config, "quantize_output_layer", False):
+            self.output_layer = QuantizedLinear(config.hidden_size, config.padded_vocab_size, config.quantization_bit,
+                                                bias=False, dtype=torch.get_default_dtype(), device=device)
+        else:
+            self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+            self.output_layer.prepack = not config.tie_word_embeddings  # a tied weight is the embedding table too
         if config.pre_seq_len is not None:
             self.prefix_encoder = PrefixEncoder(config)
             self.dropout = nn.Dropout(0.1)
@@ -1223,10 +1233,16 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         """Force a quantized-matmul backend for every model using this code (``None``/``"auto"``: automatic)."""
         set_quantization_backend(name)
 
-    def quantize(self, bits: int, empty_init=False, device=None, **kwargs):
+    def quantize(self, bits: int, empty_init=False, device=None, quantize_output_layer: bool = False, **kwargs):
         """Weight-only quantization of the block linears to int8 (``bits=8``) or int4 (``bits=4``), in place.
-        Returns the model. ``quantize(0)`` is a no-op. See quantization.py for formats and backends."""
+        Returns the model. ``quantize(0)`` is a no-op. See quantization.py for formats and backends.
+
+        ``quantize_output_layer=True`` also quantizes ``output_layer`` (0.53 GB in bf16, read for every generated
+        token) and sets ``config.quantize_output_layer``; such a checkpoint loads with this code only (the
+        original's loader expects a float output layer). See README for what it costs in accuracy."""
         _validate_bits(bits)
+        if not isinstance(quantize_output_layer, bool):
+            raise ValueError(f"quantize_output_layer must be True or False, got {quantize_output_layer!r}")
         if bits == 0:
             return self
         if self.quantized:
@@ -1234,10 +1250,18 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
                 raise ValueError(
                     f"model is already quantized to {self.config.quantization_bit} bits; load the float "
                     f"checkpoint to quantize to {bits} bits")
-            logger.warning("Already quantized to %d bits; nothing to do.", bits)
-            return self
+            if not quantize_output_layer or self.config.quantize_output_layer:
+                logger.warning("Already quantized to %d bits; nothing to do.", bits)
+                return self
+        if quantize_output_layer and self.config.tie_word_embeddings:
+            raise ValueError("cannot quantize output_layer: it is tied to the input embeddings "
+                             "(tie_word_embeddings=True)")
         unpack_cpu_weights(self)
         quantize_model(self.transformer.encoder, bits)
+        if quantize_output_layer:
+            with torch.no_grad():
+                self.transformer.output_layer = QuantizedLinear.from_linear(self.transformer.output_layer, bits)
+            self.config.quantize_output_layer = True
         self.config.quantization_bit = bits
         return self
 

@@ -566,7 +566,8 @@ def _compile_cpu_kernels(compiler: str, path: str) -> bool:
     for extra in (["-fopenmp"], []):
         try:
             proc = subprocess.run([compiler, *_CPU_COMPILE_FLAGS, *extra, source, "-o", tmp],
-                                  capture_output=True, text=True, timeout=300)
+                                  capture_output=True, text=True, timeout=300,
+                                  env=dict(os.environ, TMPDIR=os.path.dirname(path)))  # its temporaries too
         except (OSError, subprocess.SubprocessError) as e:
             errors = str(e)
             break

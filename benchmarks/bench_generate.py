@@ -464,17 +464,18 @@ def bench(args):
             if parity[dname]["rel"] > tol:
                 raise SystemExit(f"ours and native disagree in {dname}: {parity[dname]}")
             variants.append(("native", native, dname))
-        for bits in (args.quant if dname in ("bf16", "fp16") and not args.native_only else []):
-            label = f"ours-int{bits}"
+        for spec in (args.quant if dname in ("bf16", "fp16") and not args.native_only else []):
+            bits, head = int(spec.rstrip("h")), spec.endswith("h")  # "8h": output_layer quantized too
+            label = f"ours-int{spec}"
             try:
                 q = load_ours(folders[0], dtype, device)
-                q.quantize(bits)
+                q.quantize(bits, **({"quantize_output_layer": True} if head else {}))
                 if not any("Quantized" in type(m).__name__ for m in q.modules()):
                     raise RuntimeError("quantize() did not create quantized layers")
-                variants.append((label, q, f"{dname}+int{bits}"))
+                variants.append((label, q, f"{dname}+int{spec}"))
             except Exception as e:  # quantization.py not there yet, or a backend missing
-                log(f"[{dname}] skipping int{bits}: {type(e).__name__}: {e}")
-                rows.append({"model": label, "dtype": f"{dname}+int{bits}", "skipped": f"{type(e).__name__}: {e}"})
+                log(f"[{dname}] skipping int{spec}: {type(e).__name__}: {e}")
+                rows.append({"model": label, "dtype": f"{dname}+int{spec}", "skipped": f"{type(e).__name__}: {e}"})
                 q = None
             gc.collect()
         wbytes = {label: weight_bytes_per_token(model) for label, model, _ in variants}  # before any (pre)packing
@@ -768,7 +769,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default="128,2048")
     p.add_argument("--new-tokens", default="32,256")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
-    p.add_argument("--quant", default="8,4", help="int bits rows through model.quantize(bits); '' for none")
+    p.add_argument("--quant", default="8,4", help="int bits rows through model.quantize(bits), e.g. 8,4; a trailing h "
+                   "(8h, 4h) also quantizes output_layer; '' for none")
     p.add_argument("--quick", action="store_true", help="bf16, prompt 128, 32 new tokens, 2 repeats")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -798,7 +800,10 @@ def parse_args(argv=None):
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.prompts = [int(x) for x in args.prompts.split(",") if x]
     args.new_tokens = [int(x) for x in args.new_tokens.split(",") if x]
-    args.quant = [int(x) for x in args.quant.split(",") if x]
+    args.quant = [x.strip() for x in args.quant.split(",") if x.strip()]
+    bad = [x for x in args.quant if x.rstrip("h") not in ("4", "8") or x.count("h") > 1]
+    if bad:
+        p.error(f"--quant takes 8, 4, 8h or 4h, got {bad}")
     if min(args.new_tokens) < 2:
         p.error("--new-tokens values must be >= 2")
     return args, p

@@ -717,15 +717,91 @@ _FALLBACK_CHILD = (
     "+ layer.bias, atol=1e-4); print(layer.backend_for(), ok)")
 
 
-@pytest.mark.parametrize("env", ({"CHATGLM_CPU_KERNELS": "0"}, {"CC": "/bin/false"}, {"CC": "/nonexistent/cc"}),
-                         ids=("disabled", "compiler-fails", "compiler-missing"))
-def test_cpu_kernels_fall_back_to_torch_kernels(tmp_path, env):
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    child_env.update(env, HF_HOME=str(tmp_path / "hf"))  # nothing cached: the compiler really runs
+@pytest.mark.parametrize("env", ({}, {"CHATGLM_CPU_KERNELS": "0"}, {"CC": "/bin/false"}, {"CC": "/nonexistent/cc"}),
+                         ids=("builds", "disabled", "compiler-fails", "compiler-missing"))
+def test_cpu_kernels_build_or_fall_back_to_torch_kernels(tmp_path, env):
+    """In a fresh process with an empty HF_HOME (so the compiler really runs), HOME and TMPDIR: the kernels build
+    into HF_HOME only, or the layer falls back to torch's kernel with at most one warning, and computes right."""
+    builds = not env and _host_can_build_cpu_kernels()
+    if not env and not builds:
+        pytest.skip("this host cannot build the AVX-512 kernels")
+    dirs = {name: tmp_path / name for name in ("hf", "home", "tmp")}
+    for d in dirs.values():
+        d.mkdir()
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
+    child_env.update(env, HF_HOME=str(dirs["hf"]), HOME=str(dirs["home"]), TMPDIR=str(dirs["tmp"]))
     proc = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO / "quantization.py")], env=child_env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["cpu-int8pack", "True"]
+    assert proc.stdout.split() == ["cpu-avx512" if builds else "cpu-int8pack", "True"]
     if _host_can_build_cpu_kernels() and "CC" in env:
         assert proc.stderr.count("AVX-512 CPU quantization kernels") == 1  # one clear warning
-    assert not list((tmp_path / "hf").rglob("*.so"))
+    libraries = list(dirs["hf"].rglob("*.so"))
+    assert len(libraries) == (1 if builds else 0)
+    if builds:
+        assert libraries[0].parent == dirs["hf"] / "modules" / "chatglm3_cpu_kernels"
+        assert libraries[0].with_suffix(".c").read_text() == Q.CPU_SOURCE  # the source it was built from, readable
+    assert not list(dirs["home"].rglob("*")) and not list(dirs["tmp"].rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optional: quantize(bits, quantize_output_layer=True)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", (8, 4))
+def test_quantized_output_layer_matches_dequantized_float_model_and_round_trips(kernel_float_dir, tmp_path, bits):
+    model = _quiet_load(kernel_float_dir).quantize(bits, quantize_output_layer=True)
+    head = model.transformer.output_layer
+    assert type(head).__name__ == "QuantizedLinear" and model.config.quantize_output_layer is True
+    ref = _dequantized_float_model(kernel_float_dir, model)
+    qmod = quantization_module_of(model)
+    with torch.no_grad():
+        ref.transformer.output_layer.weight.copy_(
+            qmod.dequantize_weight(head.stored_weight(), head.weight_scale, bits))
+        ids = _ids()
+        expected = ref(ids).logits
+        got = model(ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        a = model.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        b = ref.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+    # the head's stored tensors follow the published block-linear format
+    _, stored, scale = reference_quantize(_quiet_load(kernel_float_dir).transformer.output_layer.weight.detach(), bits)
+    assert torch.equal(head.stored_weight(), stored) and torch.equal(head.weight_scale, scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantize_output_layer"] is True
+    loaded = _quiet_load(tmp_path)
+    assert type(loaded.transformer.output_layer).__name__ == "QuantizedLinear"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+    # a config that hides the quantized head is refused (its int8 weight would be read as floats)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantize_output_layer"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantize_output_layer"):
+        _quiet_load(tmp_path)
+
+
+def test_quantize_output_layer_bad_input(float_dir, tmp_path):
+    model = _quiet_load(float_dir)
+    with pytest.raises(ValueError, match="quantize_output_layer must be True or False"):
+        model.quantize(8, quantize_output_layer="yes")
+    assert model.config.quantization_bit == 0  # untouched
+    from transformers import AutoConfig
+
+    for overrides, message in (({"quantize_output_layer": True}, "needs quantization_bit"),
+                               ({"quantize_output_layer": "yes", "quantization_bit": 8}, "must be true or false"),
+                               ({"quantize_output_layer": True, "quantization_bit": 8, "tie_word_embeddings": True},
+                                "tie_word_embeddings")):
+        folder = tmp_path / str(len(message))
+        folder.mkdir()
+        write_code(folder)
+        write_config(folder, **overrides)
+        with pytest.raises(ValueError, match=message):
+            AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    # quantizing only the head of an already block-quantized model works; other widths do not
+    q = _quiet_load(float_dir).quantize(8)
+    assert type(q.quantize(8, quantize_output_layer=True).transformer.output_layer).__name__ == "QuantizedLinear"
+    with pytest.raises(ValueError, match="already quantized to 8 bits"):
+        q.quantize(4, quantize_output_layer=True)
