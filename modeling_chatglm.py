@@ -577,9 +577,27 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
                                                   **kwargs)
             check_quantized_load(model, info)
+            cls._check_undeclared_scales(model, info)
             raise
         if quantized:
             check_quantized_load(model, info)
+        cls._check_undeclared_scales(model, info)
+        missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
+        if missing and not allow_missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. The weight files are "
+                f"incomplete or do not match config.json (num_layers, hidden_size, ...); refusing to return a "
+                f"partly random model (pass allow_missing_weights=True to load anyway).")
+        for module in model.modules():
+            if isinstance(module, ChatGLMModel):
+                module.freeze_for_prefix_tuning()
+        return (model, info) if want_info else model
+
+    @staticmethod
+    def _check_undeclared_scales(model, info):
+        """ValueError for quantized tensors (``weight_scale``) that the config does not declare: transformers would
+        drop the scales and read the int8 weights as float weights."""
         scales = sorted(k for k in (info.get("unexpected_keys") or ()) if k.endswith(".weight_scale"))
         if scales and not model.config.quantization_bit:
             raise ValueError(
@@ -592,17 +610,6 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 f"the checkpoint's output_layer is quantized (it has {head_scales[0]}), but "
                 f"config.quantize_output_layer is false: its int8 weight would be used as a float weight. Set "
                 f"quantize_output_layer to true in config.json.")
-        missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
-        if missing and not allow_missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. The weight files are "
-                f"incomplete or do not match config.json (num_layers, hidden_size, ...); refusing to return a "
-                f"partly random model (pass allow_missing_weights=True to load anyway).")
-        for module in model.modules():
-            if isinstance(module, ChatGLMModel):
-                module.freeze_for_prefix_tuning()
-        return (model, info) if want_info else model
 
     @classmethod
     def _loads_quantized(cls, args, kwargs):

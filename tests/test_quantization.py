@@ -713,8 +713,8 @@ _FALLBACK_CHILD = (
     "import sys, importlib.util, torch; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
     "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
     "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8); "
-    "x = torch.randn(2, 256); ok = torch.allclose(layer(x), x @ m.dequantize_weight(layer.weight, layer.weight_scale, 8).t() "
-    "+ layer.bias, atol=1e-4); print(layer.backend_for(), ok)")
+    "x = torch.randn(2, 256); y = layer(x); ok = torch.allclose(y, x @ m.dequantize_weight(layer.stored_weight(), layer.weight_scale, 8).t() "
+    "+ layer.bias, atol=1e-4); print(layer._last_backend, ok)")
 
 
 @pytest.mark.parametrize("env", ({}, {"CHATGLM_CPU_KERNELS": "0"}, {"CC": "/bin/false"}, {"CC": "/nonexistent/cc"}),
