@@ -570,6 +570,11 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise OSError(f"a weight file in {where!r} is empty or truncated (EOFError while reading it)") from exc
         except RuntimeError as exc:
+            if "Only Tensors of floating point" in str(exc):  # transformers 4.4x-4.5x: int8 into a float parameter
+                raise ValueError(
+                    "the checkpoint has int8 (quantized) weights where config.json declares float ones: set "
+                    "quantization_bit (4 or 8) to the checkpoint's width, and quantize_output_layer to true if it "
+                    "has transformer.output_layer.weight_scale") from exc
             if not quantized or "mismatch" not in str(exc):
                 raise
             # Load again tolerating the mismatch only to say which quantization_bit the tensors fit (not done

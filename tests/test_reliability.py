@@ -544,10 +544,6 @@ def test_quantized_checkpoint_with_wrong_bits_is_a_value_error(int8_dir, tmp_pat
         except ValueError as err:
             assert re.search("quantiz|weight_scale|int8", str(err)), err
             return
-        except RuntimeError as err:
-            # transformers 4.4x-4.5x: torch itself refuses to copy the int8 weight into a float parameter
-            assert bits == 0 and "floating point" in str(err), err
-            return
     with torch.no_grad():
         finite = bool(torch.isfinite(model(IDS).logits).all())
     pytest.xfail(f"RELIABILITY_FIXES.md F7: int8 checkpoint loaded with quantization_bit={bits} (finite={finite})")
