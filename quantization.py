@@ -73,6 +73,7 @@ BACKENDS = CPU_BACKENDS + CUDA_BACKENDS + ("torch-dequant",)
 _backend_override: Optional[str] = None
 _warned = set()
 _lock = threading.Lock()
+_pack_lock = threading.RLock()  # layout changes of QuantizedLinear weights
 
 
 def _warn_once(key, msg, *args):
@@ -976,6 +977,11 @@ class QuantizedLinear(torch.nn.Module):
 
     def _unpack_to_stored(self):
         if self._is_packed():
+            with _pack_lock:
+                self._unpack_to_stored_locked()
+
+    def _unpack_to_stored_locked(self):
+        if self._is_packed():
             stored = self.stored_weight()
             self.packed_weight = None
             self._layout = None
@@ -985,6 +991,11 @@ class QuantizedLinear(torch.nn.Module):
         """Make ``layout`` ("int4pack": torch's int4 CPU layout; "blocked": the C kernels') the resident one."""
         if self._is_packed() and self._layout == layout:
             return
+        with _pack_lock:  # two threads running the model for the first time must not pack the same layer twice
+            if not (self._is_packed() and self._layout == layout):
+                self._pack_locked(layout)
+
+    def _pack_locked(self, layout):
         self._unpack_to_stored()
         stored = self.weight.detach()
         if layout == "blocked":
@@ -1001,7 +1012,9 @@ class QuantizedLinear(torch.nn.Module):
         "blocked"; a [K/group, N, 2] (scale, zero=0) table in ``dtype`` for "int4pack"."""
         scale = self.weight_scale
         key = (scale.data_ptr(), scale._version, scale.dtype, dtype, layout)
-        if self.scale_table is None or self._scale_table_key != key:
+        want = torch.float32 if layout == "blocked" else dtype
+        # (a dtype move such as model.to(torch.bfloat16) converts the buffer without touching weight_scale)
+        if self.scale_table is None or self._scale_table_key != key or self.scale_table.dtype != want:
             s = scale.detach().to(dtype)
             if layout == "blocked":
                 table = s

@@ -623,6 +623,35 @@ def test_cpu_kernel_dequantize_is_bit_exact(dtype, bits):
 
 
 @needs_cpu_kernels
+def test_first_use_from_several_threads_packs_once():
+    import threading
+
+    layers = [_layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN, seed=s)[1] for s, bits in ((0, 8), (1, 4))]
+    x = torch.randn(1, KERNEL_IN, dtype=torch.bfloat16)
+    expected = [F.linear(x.float(), Q.dequantize_weight(l.weight, l.weight_scale, l.weight_bit_width).float(),
+                         l.bias.float()) for l in layers]
+    results, errors = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                results.append([l(x) for l in layers])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 6
+    for got in results:
+        for out, want in zip(got, expected):
+            assert _rel_err(out, want) < 8e-3
+    assert all(torch.equal(a, b) for got in results for a, b in zip(got, results[0]))
+
+
+@needs_cpu_kernels
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
     _, layer = _layer(4, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN)
     x = torch.randn(3, KERNEL_IN, dtype=torch.bfloat16)
@@ -670,6 +699,11 @@ def test_cpu_kernel_layout_life_cycle(bits):
     layer32(xg).sum().backward()
     deq = Q.dequantize_weight(stored, layer32.weight_scale, bits)
     torch.testing.assert_close(xg.grad, deq.sum(0).expand(2, -1))
+    # a dtype move converts the float buffers (the fp32 scale table too): results must not change
+    moved = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(moved(x), first)
+    assert moved.scale_table.dtype == torch.float32
     # device moves go back to the stored format; loading a new weight drops the packed copy
     meta = copy.deepcopy(layer).to("meta")
     assert meta.packed_weight is None and tuple(meta.weight.shape) == tuple(stored.shape)
