@@ -839,3 +839,14 @@ def test_quantize_output_layer_bad_input(float_dir, tmp_path):
     assert type(q.quantize(8, quantize_output_layer=True).transformer.output_layer).__name__ == "QuantizedLinear"
     with pytest.raises(ValueError, match="already quantized to 8 bits"):
         q.quantize(4, quantize_output_layer=True)
+
+
+@needs_cpu_kernels
+def test_cpu_kernels_share_torchs_openmp_runtime():
+    """Two OpenMP runtimes would mean two thread pools fighting over the cores."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc")
+    assert Q._load_cpu_kernels() is not None
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
