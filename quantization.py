@@ -38,6 +38,7 @@ This file imports only torch, the standard library and transformers' logging; ``
 the first time a CUDA layer runs, and the C compiler runs (once per CPU and source version) the first time a CPU
 layer runs. Any failure there falls back (with one warning) instead of failing.
 """
+import contextlib
 import ctypes
 import hashlib
 import importlib
@@ -477,16 +478,14 @@ void chatglm_cpu_dequantize(const int8_t *w, int bits, const float *scale, void 
 }
 """
 
-_CPU_BLOCK_ROWS = 8
+_CPU_BLOCK_ROWS = 8  # rows per block of the blocked layout (ROWS in CPU_SOURCE)
+_CPU_CHUNK = 128  # columns per chunk of the blocked layout (CHUNK in CPU_SOURCE)
 _CPU_GEMV_MAX_ROWS = 16  # inputs with more rows: dequantize once per call and let torch's GEMM do the work
 _CPU_DEQUANT_CHUNK_BYTES = 8 << 20  # rows dequantized at a time for that GEMM
-_cpu_scratch_local = threading.local()
 _CPU_OUT_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CPU_COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 _cpu_lib = None  # None: not tried yet; False: unavailable here
-
-
-_CPU_CHUNK = 128  # columns per chunk of the blocked layout
+_cpu_scratch_local = threading.local()
 
 
 def _cpu_kernel_shape_ok(bits, in_features, out_features):
@@ -544,6 +543,16 @@ def _cpu_kernel_dir() -> str:
     return os.path.join(HF_MODULES_CACHE, "chatglm3_cpu_kernels")
 
 
+def _find_compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_library_path(compiler: str, signature: str) -> str:
+    """The cached library for this source, compiler and CPU."""
+    key = hashlib.sha256("\0".join((CPU_SOURCE, compiler, " ".join(_CPU_COMPILE_FLAGS), signature)).encode())
+    return os.path.join(_cpu_kernel_dir(), f"chatglm_cpu_{key.hexdigest()[:20]}.so")
+
+
 def _cpu_signature() -> str:
     """What -march=native compiles for: the CPU model and feature flags."""
     try:
@@ -558,11 +567,14 @@ def _compile_cpu_kernels(compiler: str, path: str) -> bool:
     """Compile CPU_SOURCE into the shared library ``path``. The only process this package ever starts: the C
     compiler, with a fixed argument list (no shell). With OpenMP if the compiler has it (the library then shares
     torch's libgomp and its thread count), else single-threaded."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    source = path[:-3] + ".c"
-    with open(source, "w") as f:
-        f.write(CPU_SOURCE)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    source, tmp = path[:-3] + ".c", f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(source, "w") as f:
+            f.write(CPU_SOURCE)
+    except OSError as e:  # e.g. a read-only HF_HOME
+        logger.info("could not write the CPU quantization kernel source: %s", e)
+        return False
     errors = ""
     for extra in (["-fopenmp"], []):
         try:
@@ -626,18 +638,17 @@ def _load_cpu_kernels():
         signature = _cpu_signature()
         if "avx512f" not in signature or "avx512bw" not in signature:
             return None
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        compiler = _find_compiler()
         if not compiler:
             _warn_once("no-cc", "No C compiler found (set CC or install gcc): quantized CPU layers use torch's "
                        "slower packed kernels instead of this package's AVX-512 kernels.")
             return None
-        key = hashlib.sha256("\0".join((CPU_SOURCE, compiler, " ".join(_CPU_COMPILE_FLAGS), signature)).encode())
-        path = os.path.join(_cpu_kernel_dir(), f"chatglm_cpu_{key.hexdigest()[:20]}.so")
+        path = _cpu_library_path(compiler, signature)
+        if not os.path.exists(path) and not _compile_cpu_kernels(compiler, path):
+            _warn_once("cc-failed", "Compiling the AVX-512 CPU quantization kernels failed (details at INFO "
+                       "level); quantized CPU layers use torch's slower packed kernels instead.")
+            return None
         try:
-            if not os.path.exists(path) and not _compile_cpu_kernels(compiler, path):
-                _warn_once("cc-failed", "Compiling the AVX-512 CPU quantization kernels failed (details at INFO "
-                           "level); quantized CPU layers use torch's slower packed kernels instead.")
-                return None
             lib = ctypes.CDLL(path)
             ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.chatglm_cpu_matmul.argtypes = [ptr, ptr, i64, ptr, i32, ptr, ptr, i64, i64, i32]
@@ -645,12 +656,14 @@ def _load_cpu_kernels():
             lib.chatglm_cpu_dequantize.argtypes = [ptr, i32, ptr, ptr, i32, i64, i64, i32]
             lib.chatglm_cpu_dequantize.restype = None
             ok = _self_check(lib)
-        except OSError as e:
-            logger.info("could not load the CPU quantization kernels: %s", e)
+        except OSError as e:  # a damaged cached library: remove it so that the next process rebuilds it
+            logger.info("could not load the CPU quantization kernels from %s: %s", path, e)
+            with contextlib.suppress(OSError):
+                os.remove(path)
             ok = False
         if not ok:
-            _warn_once("cpu-kernel-check", "The AVX-512 CPU quantization kernels failed their self-check; quantized "
-                       "CPU layers use torch's packed kernels instead.")
+            _warn_once("cpu-kernel-check", "The AVX-512 CPU quantization kernels could not be loaded or failed their "
+                       "self-check; quantized CPU layers use torch's packed kernels instead.")
             return None
         _cpu_lib = lib
         return lib

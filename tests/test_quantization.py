@@ -841,6 +841,30 @@ def test_quantize_output_layer_bad_input(float_dir, tmp_path):
         q.quantize(4, quantize_output_layer=True)
 
 
+_DAMAGED_CHILD = (
+    "import os, sys, importlib.util, torch; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
+    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+    "path = m._cpu_library_path(m._find_compiler(), m._cpu_signature()); os.makedirs(os.path.dirname(path)); "
+    "open(path, 'wb').write(b'not a library'); "
+    "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8); layer(torch.randn(1, 256)); "
+    "print(layer._last_backend, os.path.exists(path))")
+
+
+@needs_cpu_kernels
+def test_a_damaged_cached_library_falls_back_and_is_rebuilt_next_time(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    first = subprocess.run([sys.executable, "-c", _DAMAGED_CHILD, str(REPO / "quantization.py")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["cpu-int8pack", "False"]  # fell back, and removed the damaged file
+    assert first.stderr.count("could not be loaded or failed their self-check") == 1
+    second = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO / "quantization.py")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["cpu-avx512", "True"]
+
+
 @needs_cpu_kernels
 def test_cpu_kernels_share_torchs_openmp_runtime():
     """Two OpenMP runtimes would mean two thread pools fighting over the cores."""
