@@ -3,7 +3,8 @@
 Storage format (the published one; checkpoints written by the original code load unchanged):
 
 * Only the four linears of every block are quantized: ``self_attention.query_key_value``,
-  ``self_attention.dense``, ``mlp.dense_h_to_4h`` and ``mlp.dense_4h_to_h``.
+  ``self_attention.dense``, ``mlp.dense_h_to_4h`` and ``mlp.dense_4h_to_h`` (and, only when asked for with
+  ``quantize(bits, quantize_output_layer=True)``, ``output_layer``, in the same format: this package's extension).
 * ``weight_scale`` [out_features], in the model dtype: ``max |w|`` over the row divided by 127 (int8) or 7 (int4).
 * ``weight`` int8: ``q = round(w / weight_scale[:, None])``; [out, in] for int8; for int4 [out, in / 2] with
   element 2j in the high nibble and element 2j+1 in the low nibble, both signed 4-bit two's complement.
