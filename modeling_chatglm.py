@@ -682,7 +682,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.embedding = Embedding(config, device=device)
         self.rotary_pos_emb = RotaryEmbedding(config, device=device)
         self.encoder = GLMTransformer(config, device=device)
-        if config.quantization_bit and getattr(config, "quantize_output_layer", False):
+        if config.quantization_bit and config.quantize_output_layer:
             self.output_layer = QuantizedLinear(config.hidden_size, config.padded_vocab_size, config.quantization_bit,
                                                 bias=False, dtype=torch.get_default_dtype(), device=device)
         else:

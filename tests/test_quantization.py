@@ -527,12 +527,10 @@ def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
 # ---------------------------------------------------------------------------------------------------------------------
 def _host_can_build_cpu_kernels():
     import platform
-    import shutil
 
     flags = Q._cpu_signature()
     return (platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in flags and "avx512bw" in flags
-            and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-            and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
+            and bool(Q._find_compiler()) and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
 
 
 needs_cpu_kernels = pytest.mark.skipif(not _host_can_build_cpu_kernels(),
