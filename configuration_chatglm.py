@@ -13,7 +13,9 @@ SUPPORTED_QUANTIZATION_BITS = (0, 4, 8)
 
 class ChatGLMConfig(PretrainedConfig):
     model_type = "chatglm"
-    attribute_map = {"num_hidden_layers": "num_layers", "num_key_value_heads": "multi_query_group_num"}
+    # One value under two names: transformers (resize_token_embeddings, caches, exporters) uses the standard names,
+    # the published config.json the original ones.
+    attribute_map = {"num_hidden_layers": "num_layers", "vocab_size": "padded_vocab_size"}
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
@@ -51,7 +53,6 @@ class ChatGLMConfig(PretrainedConfig):
         **kwargs,
     ):
         self.num_layers = num_layers
-        self.vocab_size = padded_vocab_size
         self.padded_vocab_size = padded_vocab_size
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
@@ -90,9 +91,20 @@ class ChatGLMConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
-    def num_kv_heads(self):
-        """Number of key/value heads the attention actually uses."""
+    def num_key_value_heads(self):
+        """Number of key/value heads the attention actually uses (what StaticCache and exporters read)."""
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @num_key_value_heads.setter
+    def num_key_value_heads(self, value):
+        # Derived from multi_query_attention / multi_query_group_num; accept only the value it already has
+        # (transformers may set it back when copying a config).
+        if value != self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads is derived from multi_query_attention and multi_query_group_num "
+                f"(= {self.num_key_value_heads}); set those instead of {value!r}")
+
+    num_kv_heads = num_key_value_heads
 
     @property
     def head_dim(self):

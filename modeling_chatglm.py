@@ -14,6 +14,7 @@ Everything that differs between transformers versions lives in the "compatibilit
 import ast
 import copy
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -61,6 +62,26 @@ except ImportError:  # pragma: no cover
 
 # transformers 5.24 renamed the cache field of model outputs (and the forward kwarg) to ``cache``.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+try:  # transformers >= 4.52: the block base class that gradient_checkpointing_enable(...) configures
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    _LEGACY_GRADIENT_CHECKPOINTING = False
+except ImportError:  # transformers 4.30: the model's own _set_gradient_checkpointing(module, value) hook sets the flag
+    _LEGACY_GRADIENT_CHECKPOINTING = True
+
+    class GradientCheckpointingLayer(nn.Module):
+        """Same contract as transformers' class: ``gradient_checkpointing`` on a block checkpoints its forward
+        (positional arguments are the checkpointed inputs; the cache is dropped while checkpointing)."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                kwargs["past_key_values"] = None
+                return torch.utils.checkpoint.checkpoint(
+                    functools.partial(super().__call__, **kwargs), *args, use_reentrant=False)
+            return super().__call__(*args, **kwargs)
 
 # torch >= 2.5: SDPA takes ``enable_gqa``. It is a builtin without an inspectable signature; its docstring names it.
 _SDPA_HAS_GQA = "enable_gqa" in (getattr(F.scaled_dot_product_attention, "__doc__", None) or "")
@@ -111,17 +132,19 @@ def _is_cache(obj):
     return isinstance(obj, _KVCache) or (_HFCache is not None and isinstance(obj, _HFCache))
 
 
+def _reads_values():
+    """Whether checks may read tensor values back to the host: not while torch.compile / torch.export / jit trace
+    the graph (there the values are symbolic; the shape and dtype checks still run)."""
+    compiler = getattr(torch, "compiler", None)
+    compiling = compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+    return not (compiling or torch.jit.is_tracing())
+
+
 def _make_output(cls, **fields):
     """Build a transformers output, naming the cache field the way the installed version does."""
     if "past_key_values" in fields and _CACHE_FIELD != "past_key_values":
         fields[_CACHE_FIELD] = fields.pop("past_key_values")
     return cls(**fields)
-
-
-def _warn_once(key, message, _seen=set()):
-    if key not in _seen:
-        _seen.add(key)
-        logger.warning(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,7 +342,8 @@ def apply_rotary(x, cos, sin):
 
 
 def _eager_attention(q, k, v, mask, is_causal, dropout_p):
-    """Reference attention: softmax in float32. mask: bool [b, 1, q, k] (True = attend) or None."""
+    """Reference attention with softmax in float32; also returns the probabilities ([b, heads, q, k]).
+    mask: bool [b, 1, q, k] (True = attend) or None."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -333,7 +357,7 @@ def _eager_attention(q, k, v, mask, is_causal, dropout_p):
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs, v), probs
 
 
 def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
@@ -346,17 +370,26 @@ def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
         b, h, _, d = q.shape
         out = F.scaled_dot_product_attention(
             q.reshape(b, k.shape[1], groups, d), k, v, attn_mask=mask, dropout_p=dropout_p)
-        return out.reshape(b, h, 1, d)
+        return out.reshape(b, h, 1, d), None
     if groups > 1:
         if _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True)
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True), None
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal), None
 
 
 ATTENTION_FUNCTIONS = {"eager": _eager_attention, "sdpa": _sdpa_attention}
+
+
+def _attention_implementation(config):
+    """The configured implementation (``config._attn_implementation``; SDPA where the version has no such field)."""
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"attn_implementation={impl!r} is not supported by ChatGLM; use one of "
+                         f"{sorted(ATTENTION_FUNCTIONS)}")
+    return impl
 
 
 class SelfAttention(nn.Module):
@@ -366,34 +399,34 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        self.q_size = config.num_attention_heads * self.head_dim
+        self.kv_size = config.num_key_value_heads * self.head_dim
         self.query_key_value = _linear(
             config, config.hidden_size, self.q_size + 2 * self.kv_size,
             bias=config.add_bias_linear or config.add_qkv_bias, device=device)
         self.dense = _linear(config, self.q_size, config.hidden_size, bias=config.add_bias_linear, device=device)
 
-    def forward(self, hidden_states, rotary, mask, is_causal, cache=None):
+    def forward(self, hidden_states, rotary, mask, is_causal, prefix_key=None, prefix_value=None,
+                past_key_values=None, output_attentions=False):
+        """hidden_states [b, s, hidden]; ``prefix_key/value``: this layer's p-tuning prefix when no cache holds it.
+        Returns (output [b, s, hidden], attention probabilities or None)."""
         b, s, _ = hidden_states.shape
-        qkv = self.query_key_value(hidden_states)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.query_key_value(hidden_states).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = rotary
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        attend = ATTENTION_FUNCTIONS.get(impl, _sdpa_attention)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        elif prefix_key is not None:
+            k, v = torch.cat((prefix_key, k), dim=2), torch.cat((prefix_value, v), dim=2)
+        impl = "eager" if output_attentions else _attention_implementation(self.config)
         dropout_p = self.config.attention_dropout if self.training else 0.0
-        out = attend(q, k, v, mask, is_causal, dropout_p)
-        out = out.transpose(1, 2).reshape(b, s, self.q_size)
-        return self.dense(out)
+        out, probs = ATTENTION_FUNCTIONS[impl](q, k, v, mask, is_causal, dropout_p)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1)), probs
 
 
 class MLP(nn.Module):
@@ -411,7 +444,7 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config, layer_idx, device=None):
@@ -424,14 +457,17 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = _norm(config, device)
         self.mlp = MLP(config, device=device)
 
-    def forward(self, hidden_states, rotary, mask, is_causal, cache=None):
+    def forward(self, hidden_states, rotary, mask, is_causal, prefix_key=None, prefix_value=None,
+                past_key_values=None, output_attentions=False):
+        # The prefix comes as two positional tensors: checkpointing then keeps their gradients (p-tuning v2).
         normed = self.input_layernorm(hidden_states)
-        attn = self.self_attention(normed, rotary, mask, is_causal, cache)
+        attn, probs = self.self_attention(normed, rotary, mask, is_causal, prefix_key, prefix_value,
+                                          past_key_values=past_key_values, output_attentions=output_attentions)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         hidden_states = residual + F.dropout(attn, p=self.hidden_dropout, training=self.training)
         normed = self.post_attention_layernorm(hidden_states)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training)
+        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training), probs
 
 
 class GLMTransformer(nn.Module):
@@ -442,27 +478,37 @@ class GLMTransformer(nn.Module):
         self.num_layers = config.num_layers
         self.layers = nn.ModuleList([GLMBlock(config, i, device=device) for i in range(config.num_layers)])
         self.final_layernorm = _norm(config, device) if config.post_layer_norm else None
-        self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, rotary, mask, is_causal, cache=None, output_hidden_states=False):
+    def forward(self, hidden_states, rotary, mask, is_causal, prefixes=None, cache=None, output_hidden_states=False,
+                output_attentions=False, seq_first=False):
+        """Returns (final hidden states, per-layer inputs + last layer output or None, attention probs or None).
+
+        With ``seq_first`` the collected hidden states are ``[seq, batch, hidden]`` views that the next layer
+        reads back through, so they stay on the autograd graph (``retain_grad`` works on them)."""
         all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
+        all_probs = [] if output_attentions else None
+        for i, layer in enumerate(self.layers):
             if all_hidden is not None:
-                all_hidden.append(hidden_states)
-            if self.gradient_checkpointing and self.training:
-                checkpoint = getattr(self, "_gradient_checkpointing_func", None)
-                if checkpoint is None:
-                    hidden_states = torch.utils.checkpoint.checkpoint(
-                        layer, hidden_states, rotary, mask, is_causal, None, use_reentrant=False)
-                else:
-                    hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, is_causal, None)
-            else:
-                hidden_states = layer(hidden_states, rotary, mask, is_causal, cache)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)  # last layer's output, before the final norm (published contract)
+                hidden_states = self._collect(all_hidden, hidden_states, seq_first)
+            prefix = prefixes[i] if prefixes is not None else (None, None)
+            hidden_states, probs = layer(hidden_states, rotary, mask, is_causal, *prefix, past_key_values=cache,
+                                         output_attentions=output_attentions)
+            if all_probs is not None:
+                all_probs.append(probs)
+        if all_hidden is not None:  # last layer's output, before the final norm (published contract)
+            hidden_states = self._collect(all_hidden, hidden_states, seq_first)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
-        return hidden_states, all_hidden
+        return hidden_states, all_hidden, all_probs
+
+    @staticmethod
+    def _collect(store, hidden_states, seq_first):
+        if not seq_first:
+            store.append(hidden_states)
+            return hidden_states
+        view = hidden_states.transpose(0, 1)
+        store.append(view)
+        return view.transpose(0, 1)
 
 
 class Embedding(nn.Module):
@@ -513,6 +559,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
+    _supports_attention_backend = False  # our own eager / SDPA functions, not transformers' attention interface
     _supports_flash_attn = False
     _supports_flash_attn_2 = False
     _keys_to_ignore_on_load_missing = [r"rotary_pos_emb\.inv_freq"]
@@ -533,21 +580,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.inv_freq.copy_(module._compute_inv_freq(10000.0, module.inv_freq.device))
 
-    def _set_gradient_checkpointing(self, *args, **kwargs):
-        # transformers 4.30: apply(partial(fn, value=True)) -> fn(module, value=True)
-        # transformers >= 4.35: fn(enable=True, gradient_checkpointing_func=..., [every_n_layers=...])
-        if args and isinstance(args[0], nn.Module):
-            enable = kwargs.get("value", args[1] if len(args) > 1 else False)
-            targets, func = [args[0]], None
-        else:
-            enable = kwargs.get("enable", args[0] if args else True)
-            func = kwargs.get("gradient_checkpointing_func")
-            targets = list(self.modules())
-        for module in targets:
-            if isinstance(module, GLMTransformer):
-                module.gradient_checkpointing = enable
-                if func is not None:
-                    module._gradient_checkpointing_func = func
+    if _LEGACY_GRADIENT_CHECKPOINTING:  # transformers 4.30 calls model.apply(partial(fn, value=...))
+        def _set_gradient_checkpointing(self, module, value=False):
+            if isinstance(module, GLMBlock):
+                module.gradient_checkpointing = value
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -712,24 +748,31 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cfg = self.config
         tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
         prefix = self.dropout(self.prefix_encoder(tokens).to(dtype))
-        prefix = prefix.view(batch_size, self.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.head_dim)
+        prefix = prefix.view(batch_size, self.pre_seq_len, cfg.num_layers * 2, cfg.num_key_value_heads, cfg.head_dim)
         prefix = prefix.permute(2, 0, 3, 1, 4)  # [layers*2, b, kv_heads, pre_seq_len, head_dim]
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
 
+    def past_length(self, cache):
+        """Tokens a cache holds, not counting the p-tuning prefix (which a used cache starts with)."""
+        held = cache.get_seq_length() if cache is not None else 0
+        return held - (self.pre_seq_len or 0) if held else 0
+
     # -- input checking -------------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
+        """Shapes and dtypes always; values (which read tensors back to the host) only at prefill."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
                             ("attention_mask", attention_mask), ("position_ids", position_ids)):
             if value is not None and not isinstance(value, torch.Tensor):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        prefill = past_len == 0 and _reads_values()
         if input_ids is not None:
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-            if input_ids.numel():
+            if prefill and input_ids.numel():
                 low, high = int(input_ids.min()), int(input_ids.max())
                 vocab = self.config.padded_vocab_size
                 if low < 0 or high >= vocab:
@@ -739,7 +782,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         else:
             if inputs_embeds.dim() != 3:
                 raise ValueError(f"inputs_embeds must be 3-D, got shape {tuple(inputs_embeds.shape)}")
-            seq, batch = inputs_embeds.shape[:2]  # seq-first, as published
+            batch, seq = inputs_embeds.shape[:2]
             expected = self.embedding.word_embeddings.weight.dtype
             if inputs_embeds.dtype != expected:
                 raise ValueError(f"inputs_embeds has dtype {inputs_embeds.dtype}, but the model runs in {expected}")
@@ -751,7 +794,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {past_len + seq}] "
                     f"(batch, past + new tokens)")
-            if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            if prefill and attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
                 raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got {bad!r}")
         if position_ids is not None:
@@ -760,7 +803,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                     f"position_ids has shape {tuple(position_ids.shape)}; expected [{batch}, {seq}] like input_ids")
             if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
                 raise ValueError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-            if position_ids.numel() and int(position_ids.min()) < 0:
+            if prefill and position_ids.numel() and int(position_ids.min()) < 0:
                 raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
         return batch, seq
 
@@ -770,26 +813,35 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         return positions[:, -seq:]
 
-    def _attention_mask(self, attention_mask, full_attention_mask, batch, seq, past_len, prefix_len, device):
-        """Return (mask, is_causal). mask is bool [b, 1, seq, kv_len], True = attend, or None."""
+    def _attention_mask(self, attention_mask, full_attention_mask, batch, seq, past_len, device):
+        """Return (mask, is_causal). mask is bool [b, 1, seq, kv_len], True = attend, or None.
+
+        ``past_len`` counts every key before the new tokens, p-tuning prefix included. Nothing here reads a tensor
+        back to the host in a decode step (one new token)."""
         kv_len = past_len + seq
         if full_attention_mask is not None:  # published convention: True = masked
             return ~full_attention_mask.bool(), False
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded:
+        prefix_len = self.pre_seq_len or 0
+        if attention_mask is None:
             if seq == 1:
                 return None, False
             if past_len == 0:
                 return None, True
-        q_pos = torch.arange(past_len, kv_len, device=device)
-        k_pos = torch.arange(kv_len, device=device)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(batch, 1, seq, kv_len)
-        if padded:
+            key_valid = None
+        else:
             key_valid = attention_mask.bool()
             if key_valid.shape[1] == seq and past_len - prefix_len > 0:  # mask given for new tokens only
                 key_valid = torch.cat([key_valid.new_ones(batch, past_len - prefix_len), key_valid], dim=1)
             if prefix_len:
                 key_valid = torch.cat([key_valid.new_ones(batch, prefix_len), key_valid], dim=1)
+            if seq == 1:  # a padding query attends to everything (below), so no row becomes NaN
+                return key_valid[:, None, None, :] | ~key_valid[:, None, None, -1:], False
+            if past_len == 0 and _reads_values() and bool(key_valid.all()):
+                return None, True
+        q_pos = torch.arange(past_len, kv_len, device=device)
+        k_pos = torch.arange(kv_len, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(batch, 1, seq, kv_len)
+        if key_valid is not None:
             mask = mask & key_valid[:, None, None, :]
             # A padding query has no valid key; let it attend to everything so no row becomes NaN.
             mask = mask | ~key_valid[:, None, -seq:, None]
@@ -810,68 +862,78 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cache=None,
         **kwargs,
     ):
-        if output_attentions:
-            raise ValueError("output_attentions is not supported by ChatGLM (SDPA attention); use hidden states")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        """The published interface: ``inputs_embeds`` and every output are seq-first ``[seq, batch, hidden]``."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        past = cache if cache is not None else past_key_values
+        outputs = self.run(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds.transpose(0, 1) if inputs_embeds is not None else None, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=True)
+        return outputs if return_dict else outputs.to_tuple()
+
+    def run(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
+            past_key_values=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
+            output_attentions=None, seq_first=False):
+        """The decoder, batch-first: ``inputs_embeds`` [batch, seq, hidden]; outputs batch-first, or seq-first
+        views with ``seq_first=True`` (what ``forward`` returns). Both heads call this."""
+        cfg = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
+        if output_attentions and _attention_implementation(cfg) != "eager":
+            raise ValueError("output_attentions=True needs the eager attention: load the model with "
+                             "attn_implementation=\"eager\"")
+        use_cache = use_cache if use_cache is not None else cfg.use_cache
+        past = past_key_values
         if past is not None and not _is_cache(past):
             raise ValueError(
                 f"past_key_values must be a transformers Cache (e.g. DynamicCache) as returned by this model, "
                 f"got {type(past).__name__}; legacy tuple caches are not supported")
-        if self.encoder.gradient_checkpointing and self.training and use_cache:
-            _warn_once("gc-cache", "use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+        if use_cache and self.training and any(layer.gradient_checkpointing for layer in self.encoder.layers):
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
+        if use_cache and past is None:
+            past = _new_cache(cfg)
 
-        prefix_len = self.pre_seq_len or 0
-        past_len = past.get_seq_length() if past is not None else 0
-        batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len - prefix_len
-                                        if past_len else 0)
+        past_len = self.past_length(past)
+        batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
         if inputs_embeds is None:
             if input_ids.dtype not in (torch.int32, torch.int64):  # uint8/int8/int16: nn.Embedding wants int32/64
                 input_ids = input_ids.long()
             hidden_states = self.embedding(input_ids)
-            device = input_ids.device
         else:
-            hidden_states = inputs_embeds.transpose(0, 1)  # published contract: seq-first input
-            device = inputs_embeds.device
+            hidden_states = inputs_embeds
+        device = hidden_states.device
 
-        if use_cache and past is None:
-            past = _new_cache(self.config)
-        if prefix_len and past_len == 0:  # p-tuning v2: the prefix is the start of every layer's cache
-            if past is None:
-                past = _new_cache(self.config)  # local, not returned when use_cache is False
-            for i, (k, v) in enumerate(self.get_prompt(batch, device, hidden_states.dtype)):
-                past.update(k, v, i)
-            past_len = prefix_len
+        # P-tuning v2: the prefix keys/values come first. With a cache they are written into it once (and
+        # ``past_length`` discounts them); without one each layer prepends its prefix.
+        prefix_len = self.pre_seq_len or 0
+        prefixes = None
+        if prefix_len and past_len == 0:
+            prefixes = self.get_prompt(batch, device, hidden_states.dtype)
+            if past is not None:
+                for i, (k, v) in enumerate(prefixes):
+                    past.update(k, v, i)
+                prefixes = None
 
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = self._positions_from_mask(attention_mask, seq)
             else:
-                start = past_len - prefix_len
-                position_ids = torch.arange(start, start + seq, device=device).unsqueeze(0)
-        if not torch.jit.is_tracing() and int(position_ids.max()) >= self.seq_length:
-            _warn_once("beyond-seq-length",
-                       f"position {int(position_ids.max())} is beyond config.seq_length ({self.seq_length}); "
-                       f"rotary angles are computed exactly, but the model was not trained that far")
+                position_ids = torch.arange(past_len, past_len + seq, device=device).unsqueeze(0)
+        if past_len == 0 and _reads_values() and int(position_ids.max()) >= self.seq_length:
+            logger.warning_once(f"a position is beyond config.seq_length ({self.seq_length}); rotary angles are "
+                                f"computed exactly, but the model was not trained that far")
         rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
         mask, is_causal = self._attention_mask(
-            attention_mask, full_attention_mask, batch, seq, past_len, prefix_len, device)
+            attention_mask, full_attention_mask, batch, seq, past_len + prefix_len, device)
 
-        hidden_states, all_hidden = self.encoder(
-            hidden_states, rotary, mask, is_causal, cache=past, output_hidden_states=output_hidden_states)
-
-        # Published layout: seq-first. Transposed views, no copies.
-        last_hidden = hidden_states.transpose(0, 1)
-        all_hidden = tuple(h.transpose(0, 1) for h in all_hidden) if all_hidden is not None else None
-        presents = past if use_cache else None
-        if not return_dict:
-            return tuple(x for x in (last_hidden, presents, all_hidden) if x is not None)
-        return _make_output(BaseModelOutputWithPast, last_hidden_state=last_hidden, past_key_values=presents,
-                            hidden_states=all_hidden, attentions=None)
+        hidden_states, all_hidden, all_probs = self.encoder(
+            hidden_states, rotary, mask, is_causal, prefixes=prefixes, cache=past,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=seq_first)
+        return _make_output(
+            BaseModelOutputWithPast, last_hidden_state=hidden_states.transpose(0, 1) if seq_first else hidden_states,
+            past_key_values=past if use_cache else None, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_probs) if all_probs is not None else None)
 
     def quantize(self, weight_bit_width: int):
         unpack_cpu_weights(self)
@@ -1119,23 +1181,18 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         logits_to_keep=0,
         cache=None,
         num_items_in_batch=None,
+        shift_labels=None,
         **kwargs,
     ):
-        """``inputs_embeds`` is batch-first ``[batch, seq, hidden]`` here (transformers convention, what
-        ``generate(inputs_embeds=...)`` passes); ``ChatGLMModel`` itself keeps the published seq-first input."""
+        """Batch-first throughout (transformers convention): ``inputs_embeds`` [batch, seq, hidden], logits
+        [batch, seq, vocab], hidden states [batch, seq, hidden]. ``shift_labels`` (already shifted targets, as
+        transformers passes for context parallelism) replaces ``labels``."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        outputs = self.transformer(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds.transpose(0, 1) if inputs_embeds is not None else None,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state.transpose(0, 1)  # back to batch-first (a view)
+        outputs = self.transformer.run(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden_states = outputs.last_hidden_state
         if return_last_logit:
             logits_to_keep = 1
         if logits_to_keep:
@@ -1143,28 +1200,33 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         logits = self.transformer.output_layer(hidden_states)
 
         loss = None
-        if labels is not None:
-            loss = self.loss_function_chatglm(logits, labels, num_items_in_batch)
-        all_hidden = outputs.hidden_states
-        if all_hidden is not None:
-            all_hidden = tuple(h.transpose(0, 1) for h in all_hidden)
-        past = getattr(outputs, _CACHE_FIELD)
-        if not return_dict:
-            return tuple(x for x in (loss, logits, past, all_hidden) if x is not None)
-        return _make_output(CausalLMOutputWithPast, loss=loss, logits=logits, past_key_values=past,
-                            hidden_states=all_hidden, attentions=None)
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function_chatglm(logits, labels, num_items_in_batch, shift_labels=shift_labels)
+        out = _make_output(CausalLMOutputWithPast, loss=loss, logits=logits,
+                           past_key_values=getattr(outputs, _CACHE_FIELD), hidden_states=outputs.hidden_states,
+                           attentions=outputs.attentions)
+        return out if return_dict else out.to_tuple()
 
     @staticmethod
-    def loss_function_chatglm(logits, labels, num_items_in_batch=None):
+    def loss_function_chatglm(logits, labels, num_items_in_batch=None, shift_labels=None):
         """Next-token cross entropy in float32. With ``num_items_in_batch`` (Trainer with gradient
         accumulation) the sum is divided by that count, so accumulated steps add up to the true mean."""
-        if labels.shape != logits.shape[:2]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}")
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        if shift_labels is not None:
+            if shift_labels.shape != logits.shape[:2]:
+                raise ValueError(f"shift_labels shape {tuple(shift_labels.shape)} does not match input shape "
+                                 f"{tuple(logits.shape[:2])}")
+            flat_logits = logits.float().reshape(-1, logits.shape[-1])
+            targets = shift_labels.reshape(-1)
+        else:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape "
+                                 f"{tuple(logits.shape[:2])}")
+            flat_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            targets = labels[:, 1:].reshape(-1)
+        targets = targets.to(flat_logits.device)
         if num_items_in_batch is None:
-            return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+            return F.cross_entropy(flat_logits, targets, ignore_index=-100)
+        loss = F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="sum")
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
@@ -1194,23 +1256,28 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         use_cache=None, **kwargs,
     ):
         """Works with the generate() of every supported transformers version: slices the new tokens using
-        the cache length, and keeps position ids right for left-padded batches (derived from the attention
-        mask, or continued from the ones the tokenizer supplied)."""
-        past = kwargs.pop("cache", None) or past_key_values
-        prefix_len = self.config.pre_seq_len or 0
-        past_len = past.get_seq_length() if past is not None else 0
-        past_len = max(past_len - prefix_len, 0) if past_len else 0
-        total = input_ids.shape[1]
+        the cache length, keeps position ids right for left-padded batches (derived from the attention mask, or
+        continued from the ones the tokenizer supplied), and passes every other model kwarg through."""
+        past = kwargs.pop("cache", None)
+        if past is None:
+            past = past_key_values
+        past_len = self.transformer.past_length(past)
+        seq = kwargs.pop("next_sequence_length", None)  # transformers >= 5.24 says how many tokens are new
+        if seq is None and kwargs.get("cache_position") is not None:  # 4.36 - 5.23
+            seq = kwargs["cache_position"].shape[0]
         model_inputs = {}
-        if inputs_embeds is not None and past_len == 0:
-            model_inputs["inputs_embeds"] = inputs_embeds
-            seq = inputs_embeds.shape[1]
+        if inputs_embeds is not None and (past_len == 0 or input_ids.shape[1] == 0):
+            # The prompt as embeddings (its start may already be in a cache from an earlier generate).
+            if inputs_embeds.shape[1] <= past_len:
+                raise ValueError(f"inputs_embeds has {inputs_embeds.shape[1]} positions but the cache already holds "
+                                 f"{past_len}: pass the whole sequence (cached part included)")
+            model_inputs["inputs_embeds"] = inputs_embeds[:, past_len:]
+            total = inputs_embeds.shape[1]
+            seq = total - past_len
         else:
-            # New tokens: what generate says (5.x / 4.x), else everything past the cache. After a prompt given
-            # as inputs_embeds, input_ids holds only the generated tokens, so it can be shorter than the cache.
-            seq = kwargs.get("next_sequence_length")
-            if seq is None and kwargs.get("cache_position") is not None:
-                seq = kwargs["cache_position"].shape[0]
+            # New tokens: what generate says, else everything past the cache. After a prompt given as
+            # inputs_embeds, input_ids holds only the generated tokens, so it can be shorter than the cache.
+            total = input_ids.shape[1]
             if seq is None:
                 seq = total - past_len if total > past_len else 1
             model_inputs["input_ids"] = input_ids[:, -seq:]
@@ -1225,10 +1292,10 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             position_ids = ChatGLMModel._positions_from_mask(attention_mask, seq)
         model_inputs.update(
             past_key_values=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
-        if "logits_to_keep" in kwargs:
-            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        else:
+        if "logits_to_keep" not in kwargs:
             model_inputs["return_last_logit"] = True
+        for key, value in kwargs.items():  # output_hidden_states, output_attentions, logits_to_keep, ...
+            model_inputs.setdefault(key, value)
         return model_inputs
 
     def _reorder_cache(self, past_key_values, beam_idx):  # transformers < 4.42 beam search
@@ -1301,14 +1368,16 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         use_cache=None,
         output_hidden_states=None,
         return_dict=None,
+        output_attentions=None,
         **kwargs,
     ):
+        """Batch-first, like the LM head: ``inputs_embeds`` [batch, seq, hidden], hidden states [b, s, h]."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        outputs = self.transformer(
+        outputs = self.transformer.run(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             full_attention_mask=full_attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
-        hidden = outputs.last_hidden_state.transpose(0, 1)  # [b, s, h]
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = outputs.last_hidden_state  # [b, s, h]
         batch, seq = hidden.shape[:2]
         if attention_mask is not None:
             mask = attention_mask[:, -seq:].long()
@@ -1326,11 +1395,10 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._classification_loss(logits, labels)
-        past = getattr(outputs, _CACHE_FIELD)
-        if not return_dict:
-            return tuple(x for x in (loss, logits, past, outputs.hidden_states) if x is not None)
-        return _make_output(SequenceClassifierOutputWithPast, loss=loss, logits=logits, past_key_values=past,
-                            hidden_states=outputs.hidden_states, attentions=None)
+        out = _make_output(SequenceClassifierOutputWithPast, loss=loss, logits=logits,
+                           past_key_values=getattr(outputs, _CACHE_FIELD), hidden_states=outputs.hidden_states,
+                           attentions=outputs.attentions)
+        return out if return_dict else out.to_tuple()
 
     def _classification_loss(self, logits, labels):
         cfg = self.config

@@ -319,7 +319,7 @@ def test_lora_trains_with_gradient_checkpointing_and_merges(tiny_dir, targets):
     model = load_model(tiny_dir)
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
-    assert model.transformer.encoder.gradient_checkpointing
+    assert model.is_gradient_checkpointing
     kwargs = {} if targets is None else {"target_modules": targets}
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, **kwargs))
     lora_modules = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}

@@ -1,0 +1,276 @@
+"""Behaviours transformers' own model and generation test mixins check on in-library models (issue "Behave like a
+native transformers model"), through the real trust_remote_code path. References: transformers' GlmForCausalLM,
+plain recomputation, and the library's own classes (caches, generate)."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
+from glm_reference import build_glm, left_padded_batch
+
+needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM")
+
+
+def _has_cache_classes():
+    try:
+        from transformers import DynamicCache  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_cache = pytest.mark.skipif(not _has_cache_classes(), reason="this transformers has no Cache classes")
+
+
+def _cache_kwarg(model, cache):
+    """generate()'s cache argument: ``cache`` on transformers >= 5.24, ``past_key_values`` before."""
+    import inspect
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    field = "cache" if "cache" in inspect.signature(CausalLMOutputWithPast).parameters else "past_key_values"
+    return {field: cache}, field
+
+
+def test_generate_returns_per_step_hidden_states(tiny_model):
+    ids, mask = left_padded_batch()
+    out = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3,
+                              output_hidden_states=True, return_dict_in_generate=True, pad_token_id=0)
+    steps = out.hidden_states
+    assert len(steps) == 3
+    layers = TINY_CONFIG["num_layers"] + 1
+    assert all(len(step) == layers and all(isinstance(h, torch.Tensor) for h in step) for step in steps)
+    assert steps[0][0].shape == (3, 8, TINY_CONFIG["hidden_size"])  # prompt: batch-first [b, s, h]
+    assert steps[1][0].shape == (3, 1, TINY_CONFIG["hidden_size"])  # then one token per step
+    # the prompt's hidden states equal a plain forward's
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(steps[0][-1], ref[-1])
+
+
+def test_config_vocab_size_is_padded_vocab_size(tiny_model):
+    cfg = tiny_model.config
+    assert cfg.vocab_size == cfg.padded_vocab_size == TINY_CONFIG["padded_vocab_size"]
+    assert "vocab_size" not in cfg.to_dict()  # the published field name is the one written
+
+
+def test_resize_token_embeddings_forward_save_reload(tmp_path):
+    folder = make_model_dir(tmp_path / "src")
+    model = load_model(folder)
+    old = model.config.padded_vocab_size
+    import inspect
+
+    if "pad_to_multiple_of" in inspect.signature(model.resize_token_embeddings).parameters:
+        model.resize_token_embeddings(old + 5, pad_to_multiple_of=8)
+        assert model.config.vocab_size == old + 8
+    else:  # transformers 4.30
+        model.resize_token_embeddings(old + 8)
+    new = model.config.vocab_size
+    assert new == model.config.padded_vocab_size == old + 8
+    assert model.get_input_embeddings().weight.shape[0] == new
+    assert model.get_output_embeddings().weight.shape[0] == new
+    ids = torch.tensor([[1, 5, new - 1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, 3, new)
+    model.save_pretrained(tmp_path / "resized")
+    again = load_model(tmp_path / "resized")
+    assert again.config.padded_vocab_size == new
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, logits)
+
+
+def test_mismatched_classification_head_needs_ignore_mismatched_sizes(tmp_path):
+    import transformers
+
+    folder = make_model_dir(tmp_path, num_labels=3)
+    model = load_model(folder, cls="AutoModelForSequenceClassification")
+    model.save_pretrained(tmp_path / "cls3")
+    with pytest.raises((RuntimeError, ValueError)):
+        load_model(tmp_path / "cls3", cls="AutoModelForSequenceClassification", num_labels=5)
+    model5 = load_model(tmp_path / "cls3", cls="AutoModelForSequenceClassification", num_labels=5,
+                        ignore_mismatched_sizes=True)
+    assert model5.classifier_head.weight.shape[0] == 5
+    assert isinstance(model5, transformers.PreTrainedModel)
+
+
+def test_hidden_states_are_on_the_autograd_graph(tmp_path):
+    folder = make_model_dir(tmp_path)
+    model = load_model(folder).train()
+    ids, mask = left_padded_batch()
+    # LM head: batch-first
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+    for h in out.hidden_states:
+        h.retain_grad()
+    out.loss.backward()
+    assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in out.hidden_states)
+    # ChatGLMModel: seq-first, as published
+    model.zero_grad()
+    base = model.transformer(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert base.hidden_states[0].shape[:2] == (ids.shape[1], ids.shape[0])
+    for h in base.hidden_states:
+        h.retain_grad()
+    base.last_hidden_state.float().pow(2).mean().backward()
+    assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in base.hidden_states)
+
+
+@needs_cache
+def test_generate_continues_from_inputs_embeds_and_cache(tiny_model):
+    ids, mask = left_padded_batch()
+    ids, mask = ids[1:2], mask[1:2]  # no padding: continuation is exact
+    embeds = tiny_model.get_input_embeddings()(ids)
+    try:
+        first = tiny_model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, max_new_tokens=3,
+                                    return_dict_in_generate=True, pad_token_id=0)
+    except ValueError as exc:
+        if "bos_token_id" in str(exc):
+            pytest.skip("this transformers cannot generate from inputs_embeds for decoder-only models")
+        raise
+    ref = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=4, pad_token_id=0)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    more = torch.cat([embeds, tiny_model.get_input_embeddings()(first.sequences)], dim=1)
+    kwargs, _ = _cache_kwarg(tiny_model, cache)
+    second = tiny_model.generate(inputs_embeds=more, attention_mask=torch.ones(more.shape[:2], dtype=torch.long),
+                                 do_sample=False, max_new_tokens=1, return_dict_in_generate=True, pad_token_id=0,
+                                 **kwargs)
+    assert torch.equal(second.sequences[:, -1:], ref[:, -1:])
+
+
+def test_loss_takes_shift_labels(tiny_model):
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        a = tiny_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        b = tiny_model(input_ids=ids, attention_mask=mask, shift_labels=shifted).loss
+        logits = tiny_model(input_ids=ids, attention_mask=mask).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
+                                            ignore_index=-100)
+    torch.testing.assert_close(b, ref)
+    torch.testing.assert_close(a, b)
+
+
+@needs_cache
+def test_an_empty_user_cache_is_filled_not_replaced(tiny_model):
+    from transformers import DynamicCache
+
+    ids, mask = left_padded_batch()
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    returned = getattr(out, "cache", None) or out.past_key_values
+    assert returned is cache and cache.get_seq_length() == ids.shape[1]
+    cache = DynamicCache()
+    kwargs, _ = _cache_kwarg(tiny_model, cache)
+    gen = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=2,
+                              return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    assert (getattr(gen, "cache", None) or gen.past_key_values) is cache
+    assert cache.get_seq_length() == ids.shape[1] + 1
+
+
+def test_num_key_value_heads_is_the_true_count(tmp_path):
+    from transformers import AutoConfig
+
+    folder = make_model_dir(tmp_path / "mqa")
+    assert AutoConfig.from_pretrained(folder, trust_remote_code=True).num_key_value_heads == 2
+    folder = make_model_dir(tmp_path / "mha", multi_query_attention=False)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert config.num_key_value_heads == config.num_attention_heads == TINY_CONFIG["num_attention_heads"]
+    model = load_model(folder)
+    qkv = model.transformer.encoder.layers[0].self_attention.query_key_value.weight
+    assert qkv.shape[0] == (config.num_attention_heads + 2 * config.num_key_value_heads) * config.kv_channels
+
+
+@needs_glm
+def test_eager_attention_probabilities_match_transformers_glm(tiny_dir):
+    ids, mask = left_padded_batch()
+    try:
+        model = load_model(tiny_dir, attn_implementation="eager")
+    except (TypeError, ValueError):
+        pytest.skip("this transformers does not accept attn_implementation")
+    glm = build_glm(model)
+    glm.config._attn_implementation = "eager"
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = glm(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True).attentions
+    assert len(ours) == len(ref) == TINY_CONFIG["num_layers"]
+    valid = mask.bool()  # rows of real query tokens (padding rows differ by convention)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape == (3, TINY_CONFIG["num_attention_heads"], 8, 8)
+        torch.testing.assert_close(a.permute(0, 2, 1, 3)[valid], b.permute(0, 2, 1, 3)[valid], atol=1e-5, rtol=0)
+
+
+def test_output_attentions_without_eager_is_a_clear_error(tiny_dir):
+    try:
+        model = load_model(tiny_dir, attn_implementation="sdpa")
+    except (TypeError, ValueError):
+        model = load_model(tiny_dir)
+    with pytest.raises(ValueError, match="eager"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), output_attentions=True)
+
+
+def _gradients(model, ids, mask):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("pre_seq_len", [None, 3])
+def test_gradient_checkpointing_keeps_gradients(tmp_path, pre_seq_len):
+    folder = make_model_dir(tmp_path, pre_seq_len=pre_seq_len)
+    ids, mask = left_padded_batch()
+    plain = load_model(folder).train()
+    if pre_seq_len:
+        plain.transformer.dropout.p = 0.0  # the published prefix dropout would make the two runs differ
+    ref = _gradients(plain, ids, mask)
+    assert ref
+    model = load_model(folder).train()
+    if pre_seq_len:  # same prefix weights in both (a fresh prefix encoder is initialised at random)
+        model.transformer.prefix_encoder.load_state_dict(plain.transformer.prefix_encoder.state_dict())
+        model.transformer.dropout.p = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    got = _gradients(model, ids, mask)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], msg=name)
+
+
+def test_gradient_checkpointing_kwargs_and_every_n_layers(tmp_path):
+    folder = make_model_dir(tmp_path, num_layers=4)
+    model = load_model(folder).train()
+    if not hasattr(model, "activation_checkpointing_enable"):
+        pytest.skip("this transformers has no activation_checkpointing_enable(every_n_layers=...)")
+    model.activation_checkpointing_enable(every_n_layers=2)
+    flags = [layer.gradient_checkpointing for layer in model.transformer.encoder.layers]
+    assert flags == [True, False, True, False]
+    ids, mask = left_padded_batch()
+    ref = load_model(folder).train()
+    torch.testing.assert_close(_gradients(model, ids, mask), _gradients(ref, ids, mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert all(layer.gradient_checkpointing for layer in model.transformer.encoder.layers)
+    model.transformer.embedding.word_embeddings.weight.requires_grad_(True)
+    torch.testing.assert_close(_gradients(model, ids, mask), _gradients(ref, ids, mask))
+
+
+def test_torch_export_gives_eager_logits(tiny_model):
+    if not hasattr(torch, "export"):
+        pytest.skip("this torch has no torch.export")
+    ids, mask = left_padded_batch()
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, "return_dict": False}
+    program = torch.export.export(tiny_model, args=(), kwargs=kwargs)  # no data-dependent checks in the graph
+    other = {"input_ids": (ids * 7 + 3) % TINY_CONFIG["padded_vocab_size"], "attention_mask": mask.flip(0),
+             "use_cache": False, "return_dict": False}
+    for inputs in (kwargs, other):
+        logits = program.module()(**inputs)[0]
+        with torch.no_grad():
+            ref = tiny_model(**inputs)[0]
+        valid = inputs["attention_mask"].bool()
+        torch.testing.assert_close(logits[valid], ref[valid])
