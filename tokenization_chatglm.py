@@ -57,6 +57,7 @@ from transformers import PreTrainedTokenizerFast
 
 
 HUB_REPO_ID = "THUDM/chatglm3-6b-base"
+_MODULE = "tokenization_chatglm"  # this file's name in a model folder (auto_map)
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 
 # Appended after the SentencePiece vocabulary, in this order (ids 64789 .. 64797 for the published model).
@@ -593,6 +594,24 @@ class _ChatGLMTokenizerMixin:
         return _pieces_to_text(self.tokenizer, ids, literal=literal)
 
     # ---- saving ----
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; the folder then also carries this code and an auto_map naming both classes
+        (4.30 writes the source folder into it, 4.5x writes only the slow class when saving the slow tokenizer)."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(str(save_directory), "tokenizer_config.json")
+        if not kwargs.get("filename_prefix") and os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            config.setdefault("auto_map", {})["AutoTokenizer"] = [f"{_MODULE}.ChatGLMTokenizer",
+                                                                  f"{_MODULE}.ChatGLMTokenizerFast"]
+            with open(config_file, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+            code_file = os.path.join(str(save_directory), _MODULE + ".py")
+            if not os.path.exists(code_file):
+                shutil.copyfile(os.path.abspath(__file__), code_file)
+        return files
+
     def save_vocabulary(self, save_directory, filename_prefix: Optional[str] = None) -> Tuple[str]:
         save_directory = str(save_directory)
         if os.path.isdir(save_directory):
@@ -959,6 +978,10 @@ def _build_backend(path: str):
     return copy.deepcopy(cached)
 
 
+class _RebuildBackend(Exception):
+    """tokenizer.json is missing or not recorded as built from the tokenizer.model next to it."""
+
+
 class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, PreTrainedTokenizerFast):
     """`tokenizers`-backed ChatGLM3 tokenizer: same ids, padding, decoding and chat building as ChatGLMTokenizer.
 
@@ -981,12 +1004,14 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, PreTrainedTokenizerFast):
         source = _source_fingerprint(vocab_file)
         for k in ("tokenizer_object", "vocab", "merges", "from_slow"):
             kwargs.pop(k, None)
-        if tokenizer_json_source == source and tokenizer_file and os.path.isfile(tokenizer_file):
-            kwargs["tokenizer_file"] = tokenizer_file  # written by this code from this tokenizer.model
-        else:
-            kwargs["tokenizer_object"] = _build_backend(vocab_file)
-        super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-                         encode_special_tokens=encode_special_tokens, **kwargs)
+        common = dict(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                      encode_special_tokens=encode_special_tokens, **kwargs)
+        try:
+            if tokenizer_json_source != source or not tokenizer_file or not os.path.isfile(tokenizer_file):
+                raise _RebuildBackend
+            super().__init__(tokenizer_file=tokenizer_file, **common)  # written by this code from this tokenizer.model
+        except Exception:  # no usable tokenizer.json (also: one written by a newer `tokenizers` than this one)
+            super().__init__(tokenizer_object=_build_backend(vocab_file), **common)
         self.vocab_file = vocab_file
         self.init_kwargs["tokenizer_json_source"] = source
         # Plain text is encoded by the same model without the added tokens: special-token strings in text never

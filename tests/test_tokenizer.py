@@ -709,8 +709,6 @@ def _save(t, parent, name):
     """save_pretrained into a uniquely named folder (the name keys the remote-code module cache) with the code."""
     out = parent / f"{name}_{uuid.uuid4().hex[:8]}"
     t.save_pretrained(str(out))
-    if not (out / "tokenization_chatglm.py").exists():  # older versions don't copy remote code of tokenizers
-        shutil.copy(make_tokenizer_dir.__globals__["REPO_ROOT"] / "tokenization_chatglm.py", out)
     return out
 
 
@@ -729,11 +727,30 @@ def test_save_and_reload(tiny_dir, tmp_path):
         assert (out / "tokenizer.json").exists() == fast
         cfg = json.loads((out / "tokenizer_config.json").read_text())
         assert cfg.get("padding_side") == "left"
+        # self-contained on every version: the code, and both classes in auto_map (whichever class saved)
+        assert (out / "tokenization_chatglm.py").read_bytes() == (tiny_dir / "tokenization_chatglm.py").read_bytes()
+        assert cfg["auto_map"]["AutoTokenizer"] == ["tokenization_chatglm.ChatGLMTokenizer",
+                                                   "tokenization_chatglm.ChatGLMTokenizerFast"]
         t2 = load_tokenizer(out, fast=fast)
         assert t2(texts, padding=True)["input_ids"] == t(texts, padding=True)["input_ids"]
         assert t2.pad_token_id == 0 and t2.eos_token_id == 2
         ids = t(texts[-1])["input_ids"]
         assert t2.decode(ids) == t.decode(ids)
+
+
+@pytest.mark.parametrize("key", ["extra_special_tokens", "additional_special_tokens"])
+def test_special_tokens_list_from_any_version(tiny_dir, tmp_path, key):
+    """transformers 5.x saves the GLM tokens as a list under extra_special_tokens (4.x: additional_special_tokens,
+    and extra_special_tokens is a dict there): both spellings load on every version."""
+    folder = make_tokenizer_dir(tmp_path, tiny_dir / "tokenizer.model", "xv")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg[key] = list(SPECIAL_TOKENS) + ["<extra>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for fast in (False, True):
+        t = load_tokenizer(folder, fast=fast)
+        assert [t.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == list(range(t.vocab_size - 9, t.vocab_size))
+        assert "<extra>" in t.all_special_tokens and "<|user|>" in t.all_special_tokens
+        assert t.decode(t.get_prefix_tokens(), skip_special_tokens=True) == ""
 
 
 def test_tokenizer_json_recorded_with_the_model_sha256(tiny_dir, tiny_model, tmp_path):
