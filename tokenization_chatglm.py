@@ -604,6 +604,15 @@ class _ChatGLMTokenizerMixin:
                 config = json.load(f)
             config.setdefault("auto_map", {})["AutoTokenizer"] = [f"{_MODULE}.ChatGLMTokenizer",
                                                                   f"{_MODULE}.ChatGLMTokenizerFast"]
+            if "added_tokens_decoder" not in config and hasattr(self, "added_tokens_decoder"):
+                # (5.x omits it and then parses the whole tokenizer.json at every load to find the added tokens)
+                config["added_tokens_decoder"] = {
+                    str(i): {"content": str(t), "lstrip": bool(getattr(t, "lstrip", False)),
+                             "normalized": bool(getattr(t, "normalized", False)),
+                             "rstrip": bool(getattr(t, "rstrip", False)),
+                             "single_word": bool(getattr(t, "single_word", False)),
+                             "special": bool(getattr(t, "special", True))}
+                    for i, t in self.added_tokens_decoder.items()}
             with open(config_file, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
                 f.write("\n")
@@ -815,6 +824,8 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
     def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=False,
                  encode_special_tokens=False, **kwargs):
         kwargs.pop("tokenizer_json_source", None)  # the fast tokenizer's record of its tokenizer.json
+        if not hasattr(PreTrainedTokenizer, "added_tokens_decoder"):  # transformers < 4.34 has no such table
+            kwargs.pop("added_tokens_decoder", None)
         # The SentencePiece model must exist before the base __init__: newer transformers call get_vocab there.
         self._glm_setup(vocab_file, encode_special_tokens, kwargs)
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
@@ -1001,6 +1012,8 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, PreTrainedTokenizerFast):
             raise ValueError("ChatGLMTokenizerFast needs tokenizers >= 0.13.3 (BPE byte_fallback, the Prepend "
                              "normalizer, the ByteFallback/Fuse/Strip decoders); use ChatGLMTokenizer instead")
         vocab_file = self._glm_setup(vocab_file, encode_special_tokens, kwargs)
+        if not hasattr(PreTrainedTokenizerFast, "added_tokens_decoder"):  # transformers < 4.34 has no such table
+            kwargs.pop("added_tokens_decoder", None)
         source = _source_fingerprint(vocab_file)
         for k in ("tokenizer_object", "vocab", "merges", "from_slow"):
             kwargs.pop(k, None)
