@@ -9,17 +9,32 @@ Both produce exactly the ids of the published tokenizer:
 * a single text is prefixed with ``[gMASK] sop``; a pair is ``[gMASK] sop A B </s>``;
 * batches are padded on the left with id 0 and carry ``position_ids`` that start at 0 on the first real token.
 
-Text never turns into special ids unless asked for (``encode_special_tokens=True``): ``tokenizer("<|user|>")`` is
-five ordinary pieces. ``apply_chat_template`` is the one place where the template's own role tokens become ids; the
-special-token strings inside the messages are escaped first, so they stay text there too.
+Text never turns into the GLM special ids unless asked for (``encode_special_tokens=True``):
+``tokenizer("<|user|>")`` is five ordinary pieces. ``apply_chat_template`` is the one place where the template's own
+role tokens become ids; the special-token strings inside the messages are escaped first, so they stay text there
+too. The one exception is ``</s>``: outside chat messages it is the end-of-sequence id 2, as with every HF tokenizer
+(training recipes such as TRL's append ``eos_token`` as text).
 
-The fast tokenizer is built at load time from ``tokenizer.model`` (its pieces and scores become a `tokenizers` BPE
-model whose merge order follows the SentencePiece scores); it never reads or writes a ``tokenizer.json``.
+``decode`` follows HF conventions: special ids give their strings (``</s>``, ``[gMASK]``, ``<|user|>`` ...) unless
+``skip_special_tokens=True``. It equals SentencePiece's decoding on the pieces, except that a run of byte-fallback
+pieces that is not valid UTF-8 becomes one U+FFFD per byte (what `tokenizers`' ByteFallback decoder does).
 
-Remote code: this module imports only the standard library, ``sentencepiece``, ``transformers`` and, for the fast
-tokenizer, ``tokenizers``.
+The fast tokenizer's backend (``tokenizer._tokenizer``) is a complete `tokenizers` pipeline built from
+``tokenizer.model`` (Metaspace-style normalizer, BPE with byte fallback, ByteFallback/Fuse/Strip decoder, the
+``[gMASK] sop`` post-processor), so ``tokenizer._tokenizer.decode(ids, skip_special_tokens=...)`` and
+``tokenizers.decoders.DecodeStream`` give exactly ``tokenizer.decode``'s text (vLLM decodes this way).
+``save_pretrained`` writes it as ``tokenizer.json``; loading uses that file only when tokenizer_config.json records
+the sha256 of the tokenizer.model next to it, otherwise it is rebuilt from tokenizer.model.
+
+On transformers 5.x ``AutoTokenizer`` always returns the fast class; the slow one is
+``ChatGLMTokenizer.from_pretrained(folder)`` after ``get_class_from_dynamic_module("tokenization_chatglm.ChatGLMTokenizer",
+folder)`` (see README).
+
+Remote code: this module imports only the standard library, ``sentencepiece``, ``tokenizers`` and ``transformers``.
 """
 
+import copy
+import hashlib
 import json
 import os
 import re
@@ -36,17 +51,13 @@ except ImportError:  # pragma: no cover
     from transformers.tokenization_utils_base import PaddingStrategy
 from transformers.tokenization_utils_base import TruncationStrategy
 
-try:
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer as _RustTokenizer
-    from tokenizers.models import BPE as _RustBPE
-except ImportError:  # pragma: no cover - `tokenizers` is optional for the slow tokenizer
-    PreTrainedTokenizerFast = None
-    _RustTokenizer = None
-    _RustBPE = None
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers.models import BPE as _RustBPE
+from transformers import PreTrainedTokenizerFast
 
 
 HUB_REPO_ID = "THUDM/chatglm3-6b-base"
+_MODULE = "tokenization_chatglm"  # this file's name in a model folder (auto_map)
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 
 # Appended after the SentencePiece vocabulary, in this order (ids 64789 .. 64797 for the published model).
@@ -72,9 +83,10 @@ _SPECIAL_PATTERN = r"\[[gs]?MASK\](?:sop|eop)?|<\|(?:system|user|assistant|obser
 # messages as MARK_OPEN + s + MARK_CLOSE, so that only the template's own role tokens become ids. The two
 # characters are Unicode noncharacters, which never occur in interchanged text.
 _MARK_OPEN, _MARK_CLOSE = "\ufdd0", "\ufdd1"
-_MARKABLE_RE = re.compile(_SPECIAL_PATTERN + "|" + _MARK_OPEN + "|" + _MARK_CLOSE)
+# "</s>" in text is the end of the sequence (training recipes append eos_token as text), except inside chat messages.
+_EOS_TEXT = "</s>"
+_MARKABLE_RE = re.compile(_SPECIAL_PATTERN + "|" + _EOS_TEXT + "|" + _MARK_OPEN + "|" + _MARK_CLOSE)
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
-_ESCAPED_BYTE_RE = re.compile("[\udc80-\udcff]")
 
 DEFAULT_CHAT_TEMPLATE = (
     "{%- set ns = namespace(tools=none) -%}"
@@ -119,10 +131,12 @@ def _clean_text(text: Any, what: str = "text") -> str:
     return text
 
 
-def _decode_bytes_like_sentencepiece(data: bytes) -> str:
-    """UTF-8 decode where every byte of an invalid sequence becomes one U+FFFD (what SentencePiece does)."""
-    text = data.decode("utf-8", "surrogateescape")
-    return _ESCAPED_BYTE_RE.sub("\ufffd", text) if _ESCAPED_BYTE_RE.search(text) else text
+def _utf8_or_replacement(data: bytes) -> str:
+    """A run of byte-fallback pieces: its UTF-8 text, or one U+FFFD per byte when it is not valid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(data)
 
 
 def _resolve_vocab_file(vocab_file: Optional[str]) -> str:
@@ -200,16 +214,20 @@ class SPTokenizer:
         self.index_special_tokens = {i: tok for tok, i in self.special_tokens.items()}
         self.n_words = self.n_sp + len(GLM_SPECIAL_TOKENS)
         self.role_special_token_expression = "|".join(re.escape(f"<|{r}|>") for r in ROLES)
-        # Tables for decoding: piece strings, and the byte value of byte-fallback pieces (-1 otherwise).
-        sp = self.sp_model
-        self.pieces: List[str] = [sp.id_to_piece(i) for i in range(self.n_sp)]
-        self.byte_value: List[int] = [-1] * self.n_sp
-        self.invisible = set()  # control and unknown pieces decode to ""
-        for i in range(self.n_sp):
-            if sp.is_byte(i):
-                self.byte_value[i] = int(self.pieces[i][3:-1], 16)
-            elif sp.is_control(i) or sp.is_unknown(i):
-                self.invisible.add(i)
+        self._tables = None
+
+    def _decode_tables(self):
+        """(piece strings, byte value of byte-fallback pieces or -1), built on first use."""
+        if self._tables is None:
+            sp = self.sp_model
+            pieces = [sp.id_to_piece(i) for i in range(self.n_sp)]
+            byte_value = [int(p[3:-1], 16) if sp.is_byte(i) else -1 for i, p in enumerate(pieces)]
+            self._tables = (pieces, byte_value)
+        return self._tables
+
+    @property
+    def pieces(self) -> List[str]:
+        return self._decode_tables()[0]
 
     # the interface of the original SPTokenizer
     def tokenize(self, s: str, encode_special_tokens: bool = False) -> List[str]:
@@ -239,14 +257,14 @@ class SPTokenizer:
         if index in self.index_special_tokens:
             return self.index_special_tokens[index]
         if 0 <= index < self.n_sp:
-            return self.pieces[index]
+            return self.sp_model.id_to_piece(index)
         return ""  # the padded rows of the embedding (64798 .. 65023) and anything else out of range
 
 
 _RANGE: List[int] = list(range(4096))  # shared 0..n-1 prefix for position_ids
 _SPECIAL_RE = re.compile(_SPECIAL_PATTERN)
 _CHAT_RE = re.compile(
-    _MARK_OPEN + "(?P<lit>" + _SPECIAL_PATTERN + "|" + _MARK_OPEN + "|" + _MARK_CLOSE + ")" + _MARK_CLOSE
+    _MARK_OPEN + "(?P<lit>" + _SPECIAL_PATTERN + "|" + _EOS_TEXT + "|" + _MARK_OPEN + "|" + _MARK_CLOSE + ")" + _MARK_CLOSE
     + "|" + _SPECIAL_PATTERN
 )
 _SPECIAL_IDS_BY_STRING = {tok: i for i, tok in enumerate(GLM_SPECIAL_TOKENS)}  # offsets from n_sp
@@ -263,29 +281,33 @@ def _split_special(text: str, chat: bool, n_sp: int = 0, added: Optional[Tuple[r
     """Split text into plain-text segments (str) and special ids (int, = offset + n_sp).
 
     chat=True additionally un-escapes what `_mark_special_strings` escaped (as text). `added` is an optional
-    (regex, {token: id}) for tokens a user added with `add_tokens`.
+    (regex, {token: id}) for the other tokens that become ids wherever they occur (``</s>``, tokens a user added
+    with `add_tokens`); escaped text is never matched by it.
     """
     pattern = _CHAT_RE if chat else _SPECIAL_RE
     out: List[Union[str, int]] = []
-    buf: List[str] = []
+
+    def add_text(t: str):
+        if out and isinstance(out[-1], str):
+            out[-1] += t
+        else:
+            out.append(t)
+
+    def add_raw(t: str):
+        for part in _split_added(t, added):
+            add_text(part) if isinstance(part, str) else out.append(part)
+
     pos = 0
     for m in pattern.finditer(text):
-        buf.append(text[pos:m.start()])
+        add_raw(text[pos:m.start()])
         pos = m.end()
-        lit = m.groupdict().get("lit") if chat else None
+        lit = m.group("lit") if chat else None
         if lit is not None:
-            buf.append(lit)
-            continue
-        chunk = "".join(buf)
-        if chunk:
-            out.extend(_split_added(chunk, added))
-        buf = []
-        out.extend(n_sp + off for off in _special_match_to_offsets(m.group(0)))
-    buf.append(text[pos:])
-    chunk = "".join(buf)
-    if chunk:
-        out.extend(_split_added(chunk, added))
-    return out
+            add_text(lit)
+        else:
+            out.extend(n_sp + off for off in _special_match_to_offsets(m.group(0)))
+    add_raw(text[pos:])
+    return [x for x in out if x != ""]
 
 
 def _split_added(text: str, added) -> List[Union[str, int]]:
@@ -306,51 +328,38 @@ def _split_added(text: str, added) -> List[Union[str, int]]:
 
 def _pieces_to_text(spt: SPTokenizer, ids: Sequence[int], literal: Optional[Dict[int, str]] = None,
                     skip: Sequence[int] = ()) -> str:
-    """Decode ids the way SentencePiece decodes pieces.
+    """Decode ids exactly as the fast tokenizer's `tokenizers` decoder does (and so as vLLM does).
 
-    Ordinary pieces: "▁" -> " ", the first visible piece loses one leading "▁" (the dummy prefix). Byte pieces:
-    runs are UTF-8 decoded, each byte of an invalid sequence -> U+FFFD. Special ids: their literal strings. Control
-    pieces (<unk>, <s>, </s>) and ids without a piece (the padded embedding rows) -> "".
+    Every id becomes its string (pieces, control pieces such as ``</s>``, GLM special tokens, `literal` for added
+    tokens; ids without a token are dropped), "▁" becomes " ", a run of byte-fallback pieces becomes its UTF-8 text
+    (or one U+FFFD per byte when the run is not valid UTF-8), and the text loses one leading space (the dummy prefix).
     """
-    pieces, byte_value, n_sp = spt.pieces, spt.byte_value, spt.n_sp
-    invisible = spt.invisible
-    specials = spt.index_special_tokens
+    pieces, byte_value = spt._decode_tables()
+    n_sp, specials = spt.n_sp, spt.index_special_tokens
     out: List[str] = []
     buf = bytearray()
-    first = True
     for i in ids:
         if i in skip:
             continue
         if 0 <= i < n_sp:
-            b = byte_value[i]
-            if b >= 0:
-                buf.append(b)
-                first = False
+            if byte_value[i] >= 0:
+                buf.append(byte_value[i])
                 continue
-            if i in invisible:
+            s = pieces[i]
+        else:
+            s = specials.get(i)
+            if s is None and literal is not None:
+                s = literal.get(i)
+            if s is None:
                 continue
-            if buf:
-                out.append(_decode_bytes_like_sentencepiece(bytes(buf)))
-                buf.clear()
-            p = pieces[i]
-            if first and p.startswith(SPACE):
-                p = p[1:]
-            out.append(p.replace(SPACE, " "))
-            first = False
-            continue
-        s = specials.get(i)
-        if s is None and literal is not None:
-            s = literal.get(i)
-        if s is None:
-            continue
         if buf:
-            out.append(_decode_bytes_like_sentencepiece(bytes(buf)))
+            out.append(_utf8_or_replacement(bytes(buf)))
             buf.clear()
-        out.append(s)
-        first = False
+        out.append(s.replace(SPACE, " "))
     if buf:
-        out.append(_decode_bytes_like_sentencepiece(bytes(buf)))
-    return "".join(out)
+        out.append(_utf8_or_replacement(bytes(buf)))
+    text = "".join(out)
+    return text[1:] if text.startswith(" ") else text
 
 
 def _to_int_list(token_ids) -> List[int]:
@@ -385,13 +394,23 @@ class _ChatGLMTokenizerMixin:
                                "<pad>": self.tokenizer.pad_id}
         self.encode_special_tokens = bool(encode_special_tokens)
         self._glm_chat_depth = 0
-        self._glm_added_cache = (None, None)
+        self._glm_added_cache = (-1, None)
         # Special tokens go through __init__ kwargs so that the standard setters and *_token_id work everywhere.
         kwargs.setdefault("unk_token", "<unk>")
         kwargs.setdefault("pad_token", "<unk>")
         kwargs.setdefault("eos_token", "</s>")
-        if not kwargs.get("additional_special_tokens") and not kwargs.get("extra_special_tokens"):
-            kwargs["additional_special_tokens"] = list(GLM_SPECIAL_TOKENS)
+        # The GLM tokens are "additional special tokens". transformers 5.x saves them as a list under
+        # `extra_special_tokens`, a name 4.x uses for a dict of named tokens: a list is read as the additional ones,
+        # so that a folder saved on any supported version loads on every other.
+        extra = kwargs.pop("extra_special_tokens", None)
+        additional = list(kwargs.pop("additional_special_tokens", None) or [])
+        if isinstance(extra, dict):
+            kwargs["extra_special_tokens"] = extra
+        elif extra:
+            additional += list(extra)
+        additional = [t.get("content") if isinstance(t, dict) else t for t in additional]
+        kwargs["additional_special_tokens"] = list(GLM_SPECIAL_TOKENS) + [
+            t for t in dict.fromkeys(additional) if str(t) not in GLM_SPECIAL_TOKENS]
         kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
         return vocab_file
 
@@ -440,14 +459,16 @@ class _ChatGLMTokenizerMixin:
             self.__dict__.pop("_glm_added_tokens", None)
 
     def _glm_added_regex(self):
+        """(regex, {string: id}) of the tokens that become ids wherever they occur in text: ``</s>`` and the
+        tokens a user added."""
         added = self._glm_user_added()
-        if not added:
-            return None
         key = tuple(sorted(added.items()))
         if self._glm_added_cache[0] != key:
             table = {tok: i for i, tok in added.items()}
-            regex = re.compile("|".join(re.escape(t) for t in sorted(table, key=len, reverse=True)))
-            self._glm_added_cache = (key, (regex, table))
+            if self.tokenizer.convert_id_to_token(self.tokenizer.eos_id) == _EOS_TEXT:
+                table.setdefault(_EOS_TEXT, self.tokenizer.eos_id)
+            regex = re.compile("|".join(re.escape(t) for t in sorted(table, key=len, reverse=True))) if table else None
+            self._glm_added_cache = (key, (regex, table) if table else None)
         return self._glm_added_cache[1]
 
     def get_command(self, token: str) -> int:
@@ -551,7 +572,9 @@ class _ChatGLMTokenizerMixin:
                 **kwargs) -> str:
         ids = _to_int_list(token_ids)
         added = self._glm_user_added()
-        skip = set(self.all_special_ids) | set(self.tokenizer.index_special_tokens) if skip_special_tokens else ()
+        spt = self.tokenizer
+        skip = (set(self.all_special_ids) | set(spt.index_special_tokens) | {spt.unk_id, spt.bos_id, spt.eos_id}
+                if skip_special_tokens else ())
         text = _pieces_to_text(self.tokenizer, ids, literal=added, skip=skip)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = getattr(self, "clean_up_tokenization_spaces", False)
@@ -571,6 +594,33 @@ class _ChatGLMTokenizerMixin:
         return _pieces_to_text(self.tokenizer, ids, literal=literal)
 
     # ---- saving ----
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; the folder then also carries this code and an auto_map naming both classes
+        (4.30 writes the source folder into it, 4.5x writes only the slow class when saving the slow tokenizer)."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(str(save_directory), "tokenizer_config.json")
+        if not kwargs.get("filename_prefix") and os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            config.setdefault("auto_map", {})["AutoTokenizer"] = [f"{_MODULE}.ChatGLMTokenizer",
+                                                                  f"{_MODULE}.ChatGLMTokenizerFast"]
+            if "added_tokens_decoder" not in config and hasattr(self, "added_tokens_decoder"):
+                # (5.x omits it and then parses the whole tokenizer.json at every load to find the added tokens)
+                config["added_tokens_decoder"] = {
+                    str(i): {"content": str(t), "lstrip": bool(getattr(t, "lstrip", False)),
+                             "normalized": bool(getattr(t, "normalized", False)),
+                             "rstrip": bool(getattr(t, "rstrip", False)),
+                             "single_word": bool(getattr(t, "single_word", False)),
+                             "special": bool(getattr(t, "special", True))}
+                    for i, t in self.added_tokens_decoder.items()}
+            with open(config_file, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+            code_file = os.path.join(str(save_directory), _MODULE + ".py")
+            if not os.path.exists(code_file):
+                shutil.copyfile(os.path.abspath(__file__), code_file)
+        return files
+
     def save_vocabulary(self, save_directory, filename_prefix: Optional[str] = None) -> Tuple[str]:
         save_directory = str(save_directory)
         if os.path.isdir(save_directory):
@@ -773,6 +823,9 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
 
     def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=False,
                  encode_special_tokens=False, **kwargs):
+        kwargs.pop("tokenizer_json_source", None)  # the fast tokenizer's record of its tokenizer.json
+        if not hasattr(PreTrainedTokenizer, "added_tokens_decoder"):  # transformers < 4.34 has no such table
+            kwargs.pop("added_tokens_decoder", None)
         # The SentencePiece model must exist before the base __init__: newer transformers call get_vocab there.
         self._glm_setup(vocab_file, encode_special_tokens, kwargs)
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
@@ -802,17 +855,36 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
 # fast tokenizer
 # --------------------------------------------------------------------------------------------------------------
 
-_SHORT_TEXT = 256  # characters; see ChatGLMTokenizerFast.__init__
+TOKENIZER_JSON = "tokenizer.json"
+# Bumped whenever _build_backend's output changes, so that tokenizer.json files written by older code are rebuilt.
+_BUILDER_VERSION = 1
 _HAS_INNER_SPACE = re.compile("[^" + SPACE + "]" + SPACE)
-_BACKEND_CACHE: Dict[Tuple[str, int, int], Tuple[str, bool]] = {}
+_BACKEND_CACHE: Dict[Tuple[str, int, int], Any] = {}
+_MAX_ID = 2 ** 32 - 1  # the backend takes u32 ids; anything else (negative, huge) has no token
 
 
-def _bpe_supports_byte_fallback() -> bool:
+def _has_complete_pipeline() -> bool:
+    """tokenizers >= 0.13.3 has every part of a SentencePiece-style pipeline: BPE byte_fallback, the Prepend
+    normalizer and the ByteFallback / Fuse / Strip decoders."""
+    from tokenizers import decoders, normalizers
+
+    if not hasattr(normalizers, "Prepend") or not all(hasattr(decoders, n) for n in ("ByteFallback", "Fuse", "Strip")):
+        return False
     try:
         _RustBPE(vocab={"a": 0}, merges=[], byte_fallback=True)
-        return True
     except TypeError:
         return False
+    return True
+
+
+_COMPLETE = _has_complete_pipeline()
+
+
+def _source_fingerprint(vocab_file: str) -> str:
+    """What a tokenizer.json built from `vocab_file` by this code is recorded with (in tokenizer_config.json)."""
+    with open(vocab_file, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return f"tokenizer.model sha256 {digest}, builder {_BUILDER_VERSION}"
 
 
 def _load_sentencepiece(path: str):
@@ -864,7 +936,20 @@ def _read_sentencepiece_model(path: str):
 
 
 def _build_backend(path: str):
-    """A `tokenizers` BPE equal to SentencePiece's BPE on `path` (text is pre-normalised in Python)."""
+    """The complete `tokenizers` pipeline for the SentencePiece model at `path` (a fresh copy per call).
+
+    * model: BPE over the pieces (ids as in tokenizer.model, the GLM tokens after them), byte fallback, one merge
+      per way of splitting a normal piece into two normal pieces, ranked by that piece's score (SentencePiece
+      merges the adjacent pair whose concatenation is the best-scoring piece);
+    * normalizer: the dummy prefix "▁" and " " -> "▁" (SentencePiece's identity normalizer plus add_dummy_prefix);
+    * pre-tokenizer: cut before every run of "▁" (exact when no piece has "▁" after another character, true for the
+      published vocabulary; it lets `tokenizers` cache words);
+    * decoder: "▁" -> " ", byte pieces -> UTF-8, fuse, drop one leading space;
+    * post-processor: "[gMASK] sop A" and "[gMASK] sop A B </s>"; the control pieces and the GLM tokens are special
+      added tokens.
+    """
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     cached = _BACKEND_CACHE.get(key)
@@ -872,300 +957,303 @@ def _build_backend(path: str):
         pieces, scores, types = _read_sentencepiece_model(path)
         if any(t in (4, 5) for t in types):
             raise ValueError("ChatGLMTokenizerFast: user-defined or unused SentencePiece pieces are not supported")
+        eos = pieces[_load_sentencepiece(path).eos_id()]
         vocab = {p: i for i, p in enumerate(pieces)}
         n_sp = len(pieces)
         for k, tok in enumerate(GLM_SPECIAL_TOKENS):  # never produced by merges, only used for id <-> token
             vocab.setdefault(tok, n_sp + k)
-        # SentencePiece merges the adjacent pair whose concatenation is the best-scoring NORMAL piece. Emulate
-        # with one merge per (left, right) split of every normal piece, ranked by that piece's score.
         normal = {p: i for i, p in enumerate(pieces) if types[i] == 1}
         ranked = []
         for piece, pid in normal.items():
-            if len(piece) < 2:
-                continue
-            splits = []
             for cut in range(1, len(piece)):
                 l, r = piece[:cut], piece[cut:]
                 if l in normal and r in normal:
-                    splits.append((normal[l], normal[r], l, r))
-            splits.sort()
-            for li, ri, l, r in splits:
-                ranked.append((-scores[pid], pid, li, ri, l, r))
+                    ranked.append((-scores[pid], pid, normal[l], normal[r], l, r))
         ranked.sort()
         merges = [(l, r) for *_, l, r in ranked]
-        native = _bpe_supports_byte_fallback()
-        bpe_kwargs = dict(unk_token=pieces[types.index(2)] if 2 in types else None, fuse_unk=False)
-        if native:
-            bpe_kwargs["byte_fallback"] = True
-        backend = _RustTokenizer(_RustBPE(vocab=vocab, merges=merges, **bpe_kwargs))
-        # Speed: when no piece has "▁" after another character (true for the published vocabulary), no merge can
-        # cross the start of a "▁" run, so the text may be cut there into words (which `tokenizers` caches).
+        unk = pieces[types.index(2)] if 2 in types else None
+        backend = _RustTokenizer(_RustBPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=False, byte_fallback=True))
         if not any(_HAS_INNER_SPACE.search(p) for p, t in zip(pieces, types) if t == 1):
-            from tokenizers import Regex, pre_tokenizers
             backend.pre_tokenizer = pre_tokenizers.Split(Regex(SPACE + "+"), behavior="merged_with_next")
-        cached = (backend.to_str(), native)
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+        control = [p for p, t in zip(pieces, types) if t in (2, 3)]
+        backend.add_special_tokens([AddedToken(t, normalized=False) for t in control + list(GLM_SPECIAL_TOKENS)])
+        g, sop = vocab["[gMASK]"], vocab["sop"]
+        backend.post_processor = processors.TemplateProcessing(
+            single="[gMASK]:0 sop:0 $A:0", pair="[gMASK]:0 sop:0 $A:0 $B:1 " + eos + ":1",
+            special_tokens=[("[gMASK]", g), ("sop", sop), (eos, vocab[eos])])
+        cached = backend
         _BACKEND_CACHE[key] = cached
-    return _RustTokenizer.from_str(cached[0]), cached[1]
+    return copy.deepcopy(cached)
 
 
-if PreTrainedTokenizerFast is not None:
+class _RebuildBackend(Exception):
+    """tokenizer.json is missing or not recorded as built from the tokenizer.model next to it."""
 
-    class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, PreTrainedTokenizerFast):
-        """`tokenizers`-backed ChatGLM3 tokenizer: same ids, padding, decoding and chat building as ChatGLMTokenizer."""
 
-        vocab_files_names = VOCAB_FILES_NAMES
-        model_input_names = ["input_ids", "attention_mask", "position_ids"]
-        slow_tokenizer_class = ChatGLMTokenizer
+class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, PreTrainedTokenizerFast):
+    """`tokenizers`-backed ChatGLM3 tokenizer: same ids, padding, decoding and chat building as ChatGLMTokenizer.
 
-        def __init__(self, vocab_file=None, tokenizer_file=None, padding_side="left",
-                     clean_up_tokenization_spaces=False, encode_special_tokens=False, **kwargs):
-            vocab_file = self._glm_setup(vocab_file, encode_special_tokens, kwargs)
-            # `_glm_backend` encodes plain text only and is never touched by transformers (which registers the
-            # special tokens as "added tokens" on `self._tokenizer`, and those must not be matched in text).
-            self._glm_backend, self._glm_native_byte_fallback = _build_backend(vocab_file)
-            # The word split pays off on long texts (word cache); short texts are faster without it. Both are exact.
-            self._glm_backend_short = None
-            if (self._glm_backend.pre_tokenizer is not None and self._glm_native_byte_fallback
-                    and hasattr(self._glm_backend, "encode_batch_fast")):
-                self._glm_backend_short, _ = _build_backend(vocab_file)
-                self._glm_backend_short.pre_tokenizer = None
-            bookkeeping, _ = _build_backend(vocab_file)
-            for k in ("tokenizer_object", "vocab", "merges", "from_slow"):
-                kwargs.pop(k, None)
-            super().__init__(tokenizer_object=bookkeeping, padding_side=padding_side,
-                             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-                             encode_special_tokens=encode_special_tokens, **kwargs)
-            self.vocab_file = vocab_file
-            self.__dict__.pop("_glm_added_tokens", None)
+    Its backend (`tokenizer._tokenizer`) is a complete `tokenizers` pipeline (see `_build_backend`), so tools that
+    decode with it directly (vLLM, `tokenizers.decoders.DecodeStream`) get exactly `tokenizer.decode`'s text.
+    `save_pretrained` writes it as tokenizer.json and records the sha256 of tokenizer.model in
+    tokenizer_config.json (`tokenizer_json_source`); loading uses that file only while the record matches.
+    """
 
-        @classmethod
-        def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
-            # transformers 5.x would convert tokenizer.model with its generic SentencePiece converter; we build
-            # our own backend in __init__.
-            return kwargs
+    vocab_files_names = {**VOCAB_FILES_NAMES, "tokenizer_file": TOKENIZER_JSON}
+    model_input_names = ["input_ids", "attention_mask", "position_ids"]
+    slow_tokenizer_class = ChatGLMTokenizer
 
-        @property
-        def can_save_slow_tokenizer(self) -> bool:
-            return bool(self.vocab_file) and os.path.isfile(self.vocab_file)
+    def __init__(self, vocab_file=None, tokenizer_file=None, padding_side="left", clean_up_tokenization_spaces=False,
+                 encode_special_tokens=False, tokenizer_json_source=None, **kwargs):
+        if not _COMPLETE:
+            raise ValueError("ChatGLMTokenizerFast needs tokenizers >= 0.13.3 (BPE byte_fallback, the Prepend "
+                             "normalizer, the ByteFallback/Fuse/Strip decoders); use ChatGLMTokenizer instead")
+        vocab_file = self._glm_setup(vocab_file, encode_special_tokens, kwargs)
+        if not hasattr(PreTrainedTokenizerFast, "added_tokens_decoder"):  # transformers < 4.34 has no such table
+            kwargs.pop("added_tokens_decoder", None)
+        source = _source_fingerprint(vocab_file)
+        for k in ("tokenizer_object", "vocab", "merges", "from_slow"):
+            kwargs.pop(k, None)
+        common = dict(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                      encode_special_tokens=encode_special_tokens, **kwargs)
+        try:
+            if tokenizer_json_source != source or not tokenizer_file or not os.path.isfile(tokenizer_file):
+                raise _RebuildBackend
+            super().__init__(tokenizer_file=tokenizer_file, **common)  # written by this code from this tokenizer.model
+        except Exception:  # no usable tokenizer.json (also: one written by a newer `tokenizers` than this one)
+            super().__init__(tokenizer_object=_build_backend(vocab_file), **common)
+        self.vocab_file = vocab_file
+        self.init_kwargs["tokenizer_json_source"] = source
+        # Plain text is encoded by the same model without the added tokens: special-token strings in text never
+        # become ids there (the anti-injection rule); ChatGLM's own splitting happens in Python beforehand.
+        self._glm_plain = _RustTokenizer(self._tokenizer.model)
+        self._glm_plain.pre_tokenizer = self._tokenizer.pre_tokenizer
+        self._glm_plain.normalizer = self._tokenizer.normalizer
+        self.__dict__.pop("_glm_added_tokens", None)
 
-        def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
-            # Only tokenizer.model is written: a tokenizer.json would lack the Python-side rules (dummy prefix,
-            # special-token handling) and other tools would tokenize differently with it.
-            return tuple(file_names) + tuple(self.save_vocabulary(save_directory, filename_prefix))
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
+        # transformers 5.x would convert tokenizer.model with its generic SentencePiece converter; we build
+        # our own backend in __init__.
+        return kwargs
 
-        # ---- encoding ----
-        def _glm_encode_texts(self, texts: List[str]) -> List[List[int]]:
-            prepared = [SPACE + t.replace(" ", SPACE) for t in texts]
-            backend = self._glm_backend
-            if self._glm_native_byte_fallback and hasattr(backend, "encode_batch_fast"):  # no offsets needed
-                short = self._glm_backend_short
-                if short is not None:
-                    is_short = [len(t) < _SHORT_TEXT for t in prepared]
-                    if all(is_short):
-                        backend = short
-                    elif any(is_short):
-                        out: List[Optional[List[int]]] = [None] * len(prepared)
-                        for flag, bk in ((True, short), (False, backend)):
-                            idx = [i for i, f in enumerate(is_short) if f is flag]
-                            encs = bk.encode_batch_fast([prepared[i] for i in idx], add_special_tokens=False)
-                            for i, e in zip(idx, encs):
-                                out[i] = e.ids if texts[i] else []
-                        return out
-                encodings = backend.encode_batch_fast(prepared, add_special_tokens=False)
-                if all(texts):
-                    return [e.ids for e in encodings]
-                return [e.ids if t else [] for e, t in zip(encodings, texts)]
-            encodings = backend.encode_batch(prepared, add_special_tokens=False)
-            out = [e.ids for e in encodings]
-            if not self._glm_native_byte_fallback:  # tokenizers < 0.14: replace <unk> by the char's UTF-8 bytes
-                unk = self.tokenizer.unk_id
-                for n, ids in enumerate(out):
-                    if unk in ids:
-                        fixed = []
-                        for tid, (s, e) in zip(ids, encodings[n].offsets):
-                            if tid == unk:
-                                fixed.extend(3 + b for b in prepared[n][s:e].encode("utf-8"))
-                            else:
-                                fixed.append(tid)
-                        out[n] = fixed
-            return [ids if t else [] for ids, t in zip(out, texts)]
+    @property
+    def can_save_slow_tokenizer(self) -> bool:
+        return bool(self.vocab_file) and os.path.isfile(self.vocab_file)
 
-        def _glm_encode_plain(self, text: str) -> List[int]:
-            return self._glm_encode_texts([text])[0] if text else []
+    def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
+        path = os.path.join(str(save_directory), (filename_prefix + "-" if filename_prefix else "") + TOKENIZER_JSON)
+        self._tokenizer.save(path)
+        return tuple(file_names) + tuple(self.save_vocabulary(save_directory, filename_prefix)) + (path,)
 
-        def _glm_ids_for(self, inputs: List[Any], is_split_into_words: bool, encode_special_tokens) -> List[List[int]]:
-            """Ids (no prefix) for each input: str, list of words, or list of ids."""
-            if not is_split_into_words and all(type(x) is str for x in inputs):
-                parse = self.encode_special_tokens if encode_special_tokens is None else encode_special_tokens
-                if not parse and self._glm_chat_depth == 0 and not self._glm_user_added():
-                    # hot path: plain strings, nothing to split out (one surrogate check for the whole batch)
-                    if _SURROGATE_RE.search("".join(inputs)):
-                        inputs = [_clean_text(x) for x in inputs]
-                    return self._glm_encode_texts(inputs)
-            plans = []  # per input: list of (int id) or (index into texts)
-            texts: List[str] = []
-            for x in inputs:
-                if isinstance(x, str):
-                    parts = [x]
-                elif isinstance(x, (list, tuple)) and all(isinstance(t, int) for t in x):
-                    plans.append([("id", t) for t in x])
-                    continue
-                elif isinstance(x, (list, tuple)) and is_split_into_words and all(isinstance(t, str) for t in x):
-                    parts = list(x)
-                else:
-                    raise ValueError(f"ChatGLM tokenizer: text must be a str (or a list of str with "
-                                     f"is_split_into_words=True), got {type(x).__name__}: {x!r:.80}")
-                plan = []
-                for part in parts:
-                    for seg in self._glm_segments(_clean_text(part), encode_special_tokens):
-                        if isinstance(seg, int):
-                            plan.append(("id", seg))
-                        else:
-                            plan.append(("text", len(texts)))
-                            texts.append(seg)
-                plans.append(plan)
-            encoded = self._glm_encode_texts(texts) if texts else []
-            result = []
-            for plan in plans:
-                if len(plan) == 1 and plan[0][0] == "text":
-                    result.append(encoded[plan[0][1]])
-                    continue
-                ids: List[int] = []
-                for kind, v in plan:
-                    if kind == "id":
-                        ids.append(v)
+    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        # Added tokens are matched on the raw text (each text chunk around them gets its own dummy prefix, as in
+        # the slow tokenizer); a "normalized" one would also decode with the dummy "▁" in front.
+        from tokenizers import AddedToken
+
+        raw = []
+        for t in new_tokens:
+            if isinstance(t, str):
+                t = AddedToken(t, normalized=False)
+            elif getattr(t, "normalized", False):
+                extra = {"special": t.special} if getattr(t, "special", None) is not None else {}
+                t = AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                               normalized=False, **extra)
+            raw.append(t)
+        return super()._add_tokens(raw, special_tokens=special_tokens)
+
+    # ---- decoding: the backend's own decoder ----
+    def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs):
+        ids = [i for i in _to_int_list(token_ids) if 0 <= i < _MAX_ID]
+        text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = getattr(self, "clean_up_tokenization_spaces", False)
+        return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+    # ---- encoding ----
+    def _glm_encode_texts(self, texts: List[str]) -> List[List[int]]:
+        plain = self._glm_plain
+        if hasattr(plain, "encode_batch_fast"):  # tokenizers >= 0.21: no offsets computed
+            return [e.ids for e in plain.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
+
+    def _glm_encode_plain(self, text: str) -> List[int]:
+        return self._glm_encode_texts([text])[0] if text else []
+
+    def _glm_ids_for(self, inputs: List[Any], is_split_into_words: bool, encode_special_tokens) -> List[List[int]]:
+        """Ids (no prefix) for each input: str, list of words, or list of ids."""
+        if not is_split_into_words and all(type(x) is str for x in inputs):
+            parse = self.encode_special_tokens if encode_special_tokens is None else encode_special_tokens
+            joined = "".join(inputs)
+            if not parse and self._glm_chat_depth == 0 and not self._glm_user_added() and _EOS_TEXT not in joined:
+                # hot path: plain strings, nothing to split out (one surrogate check for the whole batch)
+                if _SURROGATE_RE.search(joined):
+                    inputs = [_clean_text(x) for x in inputs]
+                return self._glm_encode_texts(inputs)
+        plans = []  # per input: list of (int id) or (index into texts)
+        texts: List[str] = []
+        for x in inputs:
+            if isinstance(x, str):
+                parts = [x]
+            elif isinstance(x, (list, tuple)) and all(isinstance(t, int) for t in x):
+                plans.append([("id", t) for t in x])
+                continue
+            elif isinstance(x, (list, tuple)) and is_split_into_words and all(isinstance(t, str) for t in x):
+                parts = list(x)
+            else:
+                raise ValueError(f"ChatGLM tokenizer: text must be a str (or a list of str with "
+                                 f"is_split_into_words=True), got {type(x).__name__}: {x!r:.80}")
+            plan = []
+            for part in parts:
+                for seg in self._glm_segments(_clean_text(part), encode_special_tokens):
+                    if isinstance(seg, int):
+                        plan.append(("id", seg))
                     else:
-                        ids.extend(encoded[v])
-                result.append(ids)
-            return result
-
-        def _glm_encode(self, items: List[Any], is_batched: bool, add_special_tokens=True,
-                        padding_strategy=PaddingStrategy.DO_NOT_PAD,
-                        truncation_strategy=TruncationStrategy.DO_NOT_TRUNCATE, max_length=None, stride=0,
-                        is_split_into_words=False, pad_to_multiple_of=None, padding_side=None, return_tensors=None,
-                        return_token_type_ids=None, return_attention_mask=None, return_overflowing_tokens=False,
-                        return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False,
-                        verbose=True, **kwargs) -> BatchEncoding:
-            if return_overflowing_tokens or return_offsets_mapping:
-                raise ValueError("ChatGLMTokenizerFast does not support return_overflowing_tokens or "
-                                 "return_offsets_mapping; use ChatGLMTokenizer (use_fast=False)")
-            encode_special_tokens = kwargs.pop("encode_special_tokens", None)
-            kwargs.pop("split_special_tokens", None)
-            firsts = [it[0] for it in items]
-            seconds = [it[1] for it in items]
-            have_pairs = [s is not None for s in seconds]
-            ids_all = self._glm_ids_for(firsts + [s for s in seconds if s is not None], is_split_into_words,
-                                        encode_special_tokens)
-            first_ids = ids_all[:len(firsts)]
-            pair_iter = iter(ids_all[len(firsts):])
-            pair_ids = [next(pair_iter) if h else None for h in have_pairs]
-            truncation_strategy = _truncation_strategy(truncation_strategy)
-            if return_token_type_ids is None:
-                return_token_type_ids = "token_type_ids" in self.model_input_names
-            examples = []
-            simple = (not return_token_type_ids and not return_special_tokens_mask and not any(have_pairs)
-                      and (truncation_strategy == TruncationStrategy.DO_NOT_TRUNCATE or max_length is None))
-            if simple:  # hot path: single sequences, no truncation, no extra outputs
-                if add_special_tokens:
-                    prefix = self.get_prefix_tokens()
-                    first_ids = [prefix + a for a in first_ids]
-                examples = [{"input_ids": a} for a in first_ids]
-                if verbose and first_ids:
-                    self._eventual_warn_about_too_long_sequence(max(first_ids, key=len), max_length, verbose)
-            for a, b in zip(first_ids, pair_ids) if not simple else ():
-                a, b = self._glm_truncate(a, b, truncation_strategy, max_length, add_special_tokens)
-                if add_special_tokens:
-                    seq = self.build_inputs_with_special_tokens(a, b)
-                    tt = self.create_token_type_ids_from_sequences(a, b)
+                        plan.append(("text", len(texts)))
+                        texts.append(seg)
+            plans.append(plan)
+        encoded = self._glm_encode_texts(texts) if texts else []
+        result = []
+        for plan in plans:
+            if len(plan) == 1 and plan[0][0] == "text":
+                result.append(encoded[plan[0][1]])
+                continue
+            ids: List[int] = []
+            for kind, v in plan:
+                if kind == "id":
+                    ids.append(v)
                 else:
-                    seq = a + (b if b is not None else [])
-                    tt = [0] * len(seq)
-                ex = {"input_ids": seq}
-                if return_token_type_ids:
-                    ex["token_type_ids"] = tt
-                if return_special_tokens_mask:
-                    ex["special_tokens_mask"] = (self.get_special_tokens_mask(a, b) if add_special_tokens
-                                                 else [0] * len(seq))
-                if verbose:
-                    self._eventual_warn_about_too_long_sequence(seq, max_length, verbose)
-                examples.append(ex)
-            out = self._glm_pad_batch(examples, padding_strategy, max_length, pad_to_multiple_of, padding_side,
-                                      return_attention_mask, return_tensors=None)
-            if return_length:
-                out["length"] = [len(x) for x in out["input_ids"]]
-            if not is_batched:
-                data = {k: v[0] for k, v in out.items()}
-                return BatchEncoding(data, tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
-            return BatchEncoding(dict(out), tensor_type=return_tensors)
+                    ids.extend(encoded[v])
+            result.append(ids)
+        return result
 
-        @staticmethod
-        def _glm_as_pair(x, split: bool):
-            """(first, second-or-None) for one batch element."""
-            if split:
-                if isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, (list, tuple)) for t in x):
-                    return x[0], x[1]
-                return x, None
-            if isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(t, str) for t in x):
+    def _glm_encode(self, items: List[Any], is_batched: bool, add_special_tokens=True,
+                    padding_strategy=PaddingStrategy.DO_NOT_PAD,
+                    truncation_strategy=TruncationStrategy.DO_NOT_TRUNCATE, max_length=None, stride=0,
+                    is_split_into_words=False, pad_to_multiple_of=None, padding_side=None, return_tensors=None,
+                    return_token_type_ids=None, return_attention_mask=None, return_overflowing_tokens=False,
+                    return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False,
+                    verbose=True, **kwargs) -> BatchEncoding:
+        if return_overflowing_tokens or return_offsets_mapping:
+            raise ValueError("ChatGLMTokenizerFast does not support return_overflowing_tokens or "
+                             "return_offsets_mapping; use ChatGLMTokenizer (use_fast=False)")
+        encode_special_tokens = kwargs.pop("encode_special_tokens", None)
+        kwargs.pop("split_special_tokens", None)
+        firsts = [it[0] for it in items]
+        seconds = [it[1] for it in items]
+        have_pairs = [s is not None for s in seconds]
+        ids_all = self._glm_ids_for(firsts + [s for s in seconds if s is not None], is_split_into_words,
+                                    encode_special_tokens)
+        first_ids = ids_all[:len(firsts)]
+        pair_iter = iter(ids_all[len(firsts):])
+        pair_ids = [next(pair_iter) if h else None for h in have_pairs]
+        truncation_strategy = _truncation_strategy(truncation_strategy)
+        if return_token_type_ids is None:
+            return_token_type_ids = "token_type_ids" in self.model_input_names
+        examples = []
+        simple = (not return_token_type_ids and not return_special_tokens_mask and not any(have_pairs)
+                  and (truncation_strategy == TruncationStrategy.DO_NOT_TRUNCATE or max_length is None))
+        if simple:  # hot path: single sequences, no truncation, no extra outputs
+            if add_special_tokens:
+                prefix = self.get_prefix_tokens()
+                first_ids = [prefix + a for a in first_ids]
+            examples = [{"input_ids": a} for a in first_ids]
+            if verbose and first_ids:
+                self._eventual_warn_about_too_long_sequence(max(first_ids, key=len), max_length, verbose)
+        for a, b in zip(first_ids, pair_ids) if not simple else ():
+            a, b = self._glm_truncate(a, b, truncation_strategy, max_length, add_special_tokens)
+            if add_special_tokens:
+                seq = self.build_inputs_with_special_tokens(a, b)
+                tt = self.create_token_type_ids_from_sequences(a, b)
+            else:
+                seq = a + (b if b is not None else [])
+                tt = [0] * len(seq)
+            ex = {"input_ids": seq}
+            if return_token_type_ids:
+                ex["token_type_ids"] = tt
+            if return_special_tokens_mask:
+                ex["special_tokens_mask"] = (self.get_special_tokens_mask(a, b) if add_special_tokens
+                                             else [0] * len(seq))
+            if verbose:
+                self._eventual_warn_about_too_long_sequence(seq, max_length, verbose)
+            examples.append(ex)
+        out = self._glm_pad_batch(examples, padding_strategy, max_length, pad_to_multiple_of, padding_side,
+                                  return_attention_mask, return_tensors=None)
+        if return_length:
+            out["length"] = [len(x) for x in out["input_ids"]]
+        if not is_batched:
+            data = {k: v[0] for k, v in out.items()}
+            return BatchEncoding(data, tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
+        return BatchEncoding(dict(out), tensor_type=return_tensors)
+
+    @staticmethod
+    def _glm_as_pair(x, split: bool):
+        """(first, second-or-None) for one batch element."""
+        if split:
+            if isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, (list, tuple)) for t in x):
                 return x[0], x[1]
             return x, None
+        if isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(t, str) for t in x):
+            return x[0], x[1]
+        return x, None
 
-        def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs) -> BatchEncoding:
-            # transformers 4.x entry point for batches
-            split = kwargs.get("is_split_into_words", False)
-            if all(type(x) is str for x in batch_text_or_text_pairs):
-                items = [(x, None) for x in batch_text_or_text_pairs]
-            else:
-                items = [self._glm_as_pair(x, split) for x in batch_text_or_text_pairs]
-            return self._glm_encode(items, True, *args, **kwargs)
+    def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs) -> BatchEncoding:
+        # transformers 4.x entry point for batches
+        split = kwargs.get("is_split_into_words", False)
+        if all(type(x) is str for x in batch_text_or_text_pairs):
+            items = [(x, None) for x in batch_text_or_text_pairs]
+        else:
+            items = [self._glm_as_pair(x, split) for x in batch_text_or_text_pairs]
+        return self._glm_encode(items, True, *args, **kwargs)
 
-        def _encode_plus(self, text, text_pair=None, *args, **kwargs) -> BatchEncoding:
-            if hasattr(PreTrainedTokenizerFast, "_batch_encode_plus"):  # transformers 4.x: always one example
-                return self._glm_encode([(text, text_pair)], False, *args, **kwargs)
-            # transformers 5.x: one entry point for single examples and batches
-            split = kwargs.get("is_split_into_words", False)
-            if isinstance(text, (list, tuple)) and (
-                (not split and (len(text) == 0 or not isinstance(text[0], int)))
-                or (split and len(text) > 0 and isinstance(text[0], (list, tuple)))
-            ):
-                if text_pair is not None:
-                    if not isinstance(text_pair, (list, tuple)) or len(text_pair) != len(text):
-                        raise ValueError("ChatGLM tokenizer: text_pair must be a batch as long as text")
-                    items = list(zip(text, text_pair))
-                elif all(type(x) is str for x in text):
-                    items = [(x, None) for x in text]
-                else:
-                    items = [self._glm_as_pair(x, split) for x in text]
-                return self._glm_encode(items, True, *args, **kwargs)
+    def _encode_plus(self, text, text_pair=None, *args, **kwargs) -> BatchEncoding:
+        if hasattr(PreTrainedTokenizerFast, "_batch_encode_plus"):  # transformers 4.x: always one example
             return self._glm_encode([(text, text_pair)], False, *args, **kwargs)
+        # transformers 5.x: one entry point for single examples and batches
+        split = kwargs.get("is_split_into_words", False)
+        if isinstance(text, (list, tuple)) and (
+            (not split and (len(text) == 0 or not isinstance(text[0], int)))
+            or (split and len(text) > 0 and isinstance(text[0], (list, tuple)))
+        ):
+            if text_pair is not None:
+                if not isinstance(text_pair, (list, tuple)) or len(text_pair) != len(text):
+                    raise ValueError("ChatGLM tokenizer: text_pair must be a batch as long as text")
+                items = list(zip(text, text_pair))
+            elif all(type(x) is str for x in text):
+                items = [(x, None) for x in text]
+            else:
+                items = [self._glm_as_pair(x, split) for x in text]
+            return self._glm_encode(items, True, *args, **kwargs)
+        return self._glm_encode([(text, text_pair)], False, *args, **kwargs)
 
-        def tokenize(self, text, pair=None, add_special_tokens: bool = False, **kwargs) -> List[str]:
-            ids = self._glm_ids_for([text], False, kwargs.get("encode_special_tokens"))[0]
-            if pair is not None:
-                ids2 = self._glm_ids_for([pair], False, kwargs.get("encode_special_tokens"))[0]
-                ids = self.build_inputs_with_special_tokens(ids, ids2) if add_special_tokens else ids + ids2
-            elif add_special_tokens:
-                ids = self.build_inputs_with_special_tokens(ids)
-            return self.convert_ids_to_tokens(ids)
+    def tokenize(self, text, pair=None, add_special_tokens: bool = False, **kwargs) -> List[str]:
+        ids = self._glm_ids_for([text], False, kwargs.get("encode_special_tokens"))[0]
+        if pair is not None:
+            ids2 = self._glm_ids_for([pair], False, kwargs.get("encode_special_tokens"))[0]
+            ids = self.build_inputs_with_special_tokens(ids, ids2) if add_special_tokens else ids + ids2
+        elif add_special_tokens:
+            ids = self.build_inputs_with_special_tokens(ids)
+        return self.convert_ids_to_tokens(ids)
 
-        def _convert_token_to_id_with_added_voc(self, token: str) -> int:
-            added = {t: i for i, t in self._glm_user_added().items()}
-            if token in added:
-                return added[token]
-            return self.tokenizer.convert_token_to_id(token)
+    def _convert_token_to_id_with_added_voc(self, token: str) -> int:
+        added = {t: i for i, t in self._glm_user_added().items()}
+        if token in added:
+            return added[token]
+        return self.tokenizer.convert_token_to_id(token)
 
-        def convert_tokens_to_ids(self, tokens):
-            if tokens is None:
-                return None
-            if isinstance(tokens, str):
-                return self._convert_token_to_id_with_added_voc(tokens)
-            return [self._convert_token_to_id_with_added_voc(t) for t in tokens]
+    def convert_tokens_to_ids(self, tokens):
+        if tokens is None:
+            return None
+        if isinstance(tokens, str):
+            return self._convert_token_to_id_with_added_voc(tokens)
+        return [self._convert_token_to_id_with_added_voc(t) for t in tokens]
 
-        @property
-        def vocab_size(self) -> int:
-            return self.tokenizer.n_words
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.n_words
 
-        def get_vocab(self) -> Dict[str, int]:
-            return _ChatGLMTokenizerMixin.get_vocab(self)
-
-else:  # pragma: no cover
-    ChatGLMTokenizerFast = None
+    def get_vocab(self) -> Dict[str, int]:
+        return _ChatGLMTokenizerMixin.get_vocab(self)

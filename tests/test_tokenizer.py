@@ -4,9 +4,13 @@ Two vocabularies: a tiny SentencePiece model trained here with ChatGLM's setting
 published tokenizer.model from ../shared/reference or $CHATGLM_TOKENIZER_MODEL (tests skip without it).
 """
 
+import hashlib
 import json
 import os
+import shutil
+import sys
 import threading
+import uuid
 
 import pytest
 import sentencepiece as spm
@@ -19,6 +23,7 @@ from tokenizer_helpers import (
     make_tokenizer_dir,
     mixed_corpus,
     real_model_path,
+    sp_reference_ids,
     train_tiny_model,
 )
 
@@ -128,8 +133,9 @@ def test_classes_and_config(tiny_slow, tiny_fast):
     assert type(tiny_slow).__name__ == "ChatGLMTokenizer"
     assert type(tiny_fast).__name__ == "ChatGLMTokenizerFast"
     assert tiny_fast.is_fast and not tiny_slow.is_fast
+    assert tiny_slow.vocab_files_names == {"vocab_file": "tokenizer.model"}
+    assert tiny_fast.vocab_files_names == {"vocab_file": "tokenizer.model", "tokenizer_file": "tokenizer.json"}
     for t in (tiny_slow, tiny_fast):
-        assert t.vocab_files_names == {"vocab_file": "tokenizer.model"}
         assert t.model_input_names == ["input_ids", "attention_mask", "position_ids"]
         assert t.padding_side == "left"
     cfg = json.loads((make_tokenizer_dir.__globals__["REPO_ROOT"] / "tokenizer_config.json").read_text())
@@ -216,7 +222,7 @@ def test_function_call_prompt(real_tok, real_sp):
 def _assert_matches_sp(tok_, sp, texts):
     got = tok_(texts, add_special_tokens=False)["input_ids"]
     for t, g in zip(texts, got):
-        assert g == sp.encode(t), repr(t)
+        assert g == sp_reference_ids(sp, t), repr(t)
 
 
 def test_tiny_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp):
@@ -285,7 +291,27 @@ def test_special_strings_stay_text(tok):
         assert ids[:2] == [tok.get_command("[gMASK]"), tok.get_command("sop")]
         assert not specials & set(ids[2:]), s
         assert tok.decode(ids, skip_special_tokens=True) == s
-    assert tok.get_command("<eos>") not in tok("</s>")["input_ids"]
+
+
+def test_eos_text_is_eos(tok, tiny_sp):
+    """TRL and other recipes append eos_token as text: "</s>" becomes id 2; the GLM tokens around it stay text."""
+    eos = tok.get_command("<eos>")
+    assert tok("</s>", add_special_tokens=False)["input_ids"] == [eos]
+    prompt, completion = "Question: 1+1?", " Answer: 2"
+    ids = tok(prompt + completion + tok.eos_token)["input_ids"]
+    assert ids == tok.get_prefix_tokens() + tiny_sp.encode(prompt + completion) + [eos]
+    assert tok([prompt + tok.eos_token, "x"], padding=True)["input_ids"][0][-1] == eos
+    specials = set(tok.convert_tokens_to_ids(SPECIAL_TOKENS))
+    ids = tok("<|user|>hi</s><|assistant|>[gMASK]sop</s>")["input_ids"][2:]
+    assert ids.count(eos) == 2 and not specials & set(ids)
+    assert ids == sp_reference_ids(tiny_sp, "<|user|>hi</s><|assistant|>[gMASK]sop</s>")
+    # the text after "</s>" has its own dummy prefix, as around every token that text turns into
+    assert tok.decode(ids) == "<|user|>hi</s> <|assistant|>[gMASK]sop</s>"
+    if has_chat_template(tok):  # inside chat messages it is text like the role tokens
+        msgs = [{"role": "user", "content": "a</s>b"}]
+        got = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert eos not in list(got)
+        assert list(got) == tok.build_chat_input("a</s>b")["input_ids"][0].tolist()
 
 
 def test_encode_special_tokens_opt_in(tok, tiny_dir):
@@ -419,13 +445,114 @@ def test_decode_random_ids_slow_equals_fast(tiny_slow, tiny_fast, ids):
     ids = [i if i < 1000 else tiny_fast.vocab_size - 12 + (i % 20) for i in ids]  # specials and beyond
     for skip in (False, True):
         assert tiny_slow.decode(ids, skip_special_tokens=skip) == tiny_fast.decode(ids, skip_special_tokens=skip)
+        backend_ids = [i for i in ids if i >= 0]  # the backend takes unsigned ids
+        assert tiny_fast._tokenizer.decode(backend_ids, skip_special_tokens=skip) == tiny_fast.decode(
+            ids, skip_special_tokens=skip)
+
+
+def _valid_byte_runs_only(sp, ids):
+    """`ids` without the runs of byte-fallback pieces that are not valid UTF-8."""
+    out, run = [], []
+    for i in ids + [None]:
+        if i is not None and sp.is_byte(i):
+            run.append(i)
+            continue
+        try:
+            bytes(int(sp.id_to_piece(b)[3:-1], 16) for b in run).decode("utf-8")
+            out.extend(run)
+        except UnicodeDecodeError:
+            pass
+        run = []
+        if i is not None:
+            out.append(i)
+    return out
 
 
 @PROP
-@given(ids=st.lists(st.integers(min_value=3, max_value=699), max_size=40))
-def test_decode_matches_sentencepiece(tiny_fast, tiny_sp, ids):
-    ids = [i for i in ids if i < tiny_sp.get_piece_size()]
-    assert tiny_fast.decode(ids) == tiny_sp.decode(ids)
+@given(ids=st.lists(st.one_of(st.integers(min_value=3, max_value=699), st.sampled_from([0xE4 + 3, 0xBD + 3, 0xA0 + 3])),
+                    max_size=40))
+def test_decode_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp, ids):
+    ids = _valid_byte_runs_only(tiny_sp, [i for i in ids if i < tiny_sp.get_piece_size()])
+    assert tiny_fast.decode(ids) == tiny_sp.decode(ids) == tiny_slow.decode(ids)
+    assert tiny_fast._tokenizer.decode(ids, skip_special_tokens=False) == tiny_sp.decode(ids)
+
+
+def test_decode_invalid_utf8_like_tokenizers_byte_fallback(tok):
+    """A run of byte pieces that is not valid UTF-8 gives one U+FFFD per byte (tokenizers' ByteFallback decoder;
+    SentencePiece itself would keep the valid prefix of the run)."""
+    b = {x: x + 3 for x in (0xE4, 0xBD, 0xA0, 0xFF)}  # <0xNN> pieces follow the 3 control pieces
+    assert tok.decode([b[0xE4], b[0xBD], b[0xA0]]) == "你"
+    assert tok.decode([b[0xE4], b[0xBD]]) == "\ufffd" * 2
+    assert tok.decode([b[0xE4], b[0xBD], b[0xA0], b[0xFF]]) == "\ufffd" * 4
+    assert tok.decode([b[0xE4], b[0xBD], tok.get_command("sop"), b[0xE4], b[0xBD], b[0xA0]]) == "\ufffd\ufffdsop你"
+
+
+def _sp_piece_text(sp, i, n_sp):
+    """Independent reference for decode([i]): SentencePiece's decoding of one piece, the control pieces and the GLM
+    tokens as their strings, nothing for ids without a token."""
+    if i >= n_sp:
+        return SPECIAL_TOKENS[i - n_sp] if i - n_sp < len(SPECIAL_TOKENS) else ""
+    if sp.id_to_piece(i) == "<0x20>":
+        # the byte piece of " " (SentencePiece never produces it: spaces are "▁"): at the start of a text the
+        # decoder's dummy-prefix strip removes it, as LlamaTokenizerFast's does
+        return ""
+    return sp.id_to_piece(i) if sp.is_control(i) or sp.is_unknown(i) else sp.decode([i])
+
+
+@needs_real
+def test_backend_decodes_every_id_like_decode(real_slow, real_fast, real_sp):
+    """vLLM decodes with the backend (`tokenizer._tokenizer`): for every id it gives tokenizer.decode's text."""
+    backend, n_sp = real_fast._tokenizer, real_sp.get_piece_size()
+    specials = set(real_fast.all_special_ids) | {1}
+    for i in range(real_fast.vocab_size + 3):
+        expected = _sp_piece_text(real_sp, i, n_sp)
+        assert backend.decode([i], skip_special_tokens=False) == real_fast.decode([i]) == real_slow.decode([i]) == expected
+        skipped = "" if i in specials else expected
+        assert backend.decode([i], skip_special_tokens=True) == real_fast.decode([i], skip_special_tokens=True) == skipped
+    assert real_fast.decode([real_fast.eos_token_id]) == "</s>" and real_fast.decode([64790, 64792]) == "[gMASK]sop"
+
+
+@needs_real
+def test_backend_decodes_texts_like_sentencepiece(real_slow, real_fast, real_sp):
+    backend = real_fast._tokenizer
+    texts = mixed_corpus(800, seed=12, max_len=300) + ["你好，世界！\nHello world, it's 2024.", "😀\n\n  x", "\x00\x07"]
+    for text in texts:
+        ids = real_fast(text, add_special_tokens=False)["input_ids"]
+        got = backend.decode(ids, skip_special_tokens=False)
+        assert got == real_fast.decode(ids) == real_slow.decode(ids)
+        if "</s>" not in text:
+            assert got == real_sp.decode(ids)
+        full = real_fast(text)["input_ids"]
+        for skip in (False, True):
+            assert backend.decode(full, skip_special_tokens=skip) == real_fast.decode(full, skip_special_tokens=skip)
+
+
+needs_decode_stream = pytest.mark.skipif(not hasattr(__import__("tokenizers").decoders, "DecodeStream"),
+                                         reason="tokenizers.decoders.DecodeStream came with tokenizers 0.21")
+
+
+@needs_decode_stream
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_decode_stream_equals_decode(which, request):
+    """Streaming decode the way vLLM does it: DecodeStream over the backend, one id at a time."""
+    from tokenizers.decoders import DecodeStream
+
+    if which == "real" and REAL is None:
+        pytest.skip("published tokenizer.model not found")
+    fast = request.getfixturevalue(f"{which}_fast")
+    texts = mixed_corpus(300, seed=13) + ["Emoji 😀🚀 and rare 龘齉𠀀 chars, 👩‍👩‍👧 family.\nNext line  ü é"]
+    for text in texts:
+        for add_special, skip in ((False, False), (True, False), (True, True)):
+            ids = fast(text, add_special_tokens=add_special)["input_ids"]
+            stream = DecodeStream(skip_special_tokens=skip)
+            chunks = [stream.step(fast._tokenizer, i) for i in ids]
+            streamed = "".join(c for c in chunks if c is not None)
+            expected = fast.decode(ids, skip_special_tokens=skip)
+            if expected.endswith("\ufffd"):  # DecodeStream holds back a trailing U+FFFD (an unfinished character)
+                assert expected.startswith(streamed)
+            else:
+                assert streamed == expected, repr(text)
+            assert all("\ufffd" not in c for c in chunks if c) or "\ufffd" in text
 
 
 def test_streaming_never_emits_broken_utf8(tok):
@@ -578,21 +705,90 @@ def test_user_added_tokens(tiny_dir):
     assert outs[0] == outs[1]
 
 
+def _save(t, parent, name):
+    """save_pretrained into a uniquely named folder (the name keys the remote-code module cache) with the code."""
+    out = parent / f"{name}_{uuid.uuid4().hex[:8]}"
+    t.save_pretrained(str(out))
+    return out
+
+
+def _built_from(t, folder) -> bool:
+    """Whether the fast tokenizer `t` built its backend from folder/tokenizer.model (instead of tokenizer.json)."""
+    cache = sys.modules[type(t).__module__]._BACKEND_CACHE
+    return any(key[0] == os.path.realpath(folder / "tokenizer.model") for key in cache)
+
+
 def test_save_and_reload(tiny_dir, tmp_path):
+    texts = mixed_corpus(50, seed=7)
     for fast in (False, True):
         t = load_tokenizer(tiny_dir, fast=fast)
-        out = tmp_path / ("fast" if fast else "slow")
-        t.save_pretrained(str(out))
+        out = _save(t, tmp_path, "fast" if fast else "slow")
         assert (out / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
-        assert not (out / "tokenizer.json").exists()
+        assert (out / "tokenizer.json").exists() == fast
         cfg = json.loads((out / "tokenizer_config.json").read_text())
         assert cfg.get("padding_side") == "left"
-        if not (out / "tokenization_chatglm.py").exists():  # older versions don't copy remote code of tokenizers
-            (out / "tokenization_chatglm.py").write_bytes((tiny_dir / "tokenization_chatglm.py").read_bytes())
+        # self-contained on every version: the code, and both classes in auto_map (whichever class saved)
+        assert (out / "tokenization_chatglm.py").read_bytes() == (tiny_dir / "tokenization_chatglm.py").read_bytes()
+        assert cfg["auto_map"]["AutoTokenizer"] == ["tokenization_chatglm.ChatGLMTokenizer",
+                                                   "tokenization_chatglm.ChatGLMTokenizerFast"]
         t2 = load_tokenizer(out, fast=fast)
-        texts = mixed_corpus(50, seed=7)
         assert t2(texts, padding=True)["input_ids"] == t(texts, padding=True)["input_ids"]
         assert t2.pad_token_id == 0 and t2.eos_token_id == 2
+        ids = t(texts[-1])["input_ids"]
+        assert t2.decode(ids) == t.decode(ids)
+
+
+@pytest.mark.parametrize("key", ["extra_special_tokens", "additional_special_tokens"])
+def test_special_tokens_list_from_any_version(tiny_dir, tmp_path, key):
+    """transformers 5.x saves the GLM tokens as a list under extra_special_tokens (4.x: additional_special_tokens,
+    and extra_special_tokens is a dict there): both spellings load on every version."""
+    folder = make_tokenizer_dir(tmp_path, tiny_dir / "tokenizer.model", "xv")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg[key] = list(SPECIAL_TOKENS) + ["<extra>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for fast in (False, True):
+        t = load_tokenizer(folder, fast=fast)
+        assert [t.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == list(range(t.vocab_size - 9, t.vocab_size))
+        assert "<extra>" in t.all_special_tokens and "<|user|>" in t.all_special_tokens
+        assert t.decode(t.get_prefix_tokens(), skip_special_tokens=True) == ""
+
+
+def test_tokenizer_json_recorded_with_the_model_sha256(tiny_dir, tiny_model, tmp_path):
+    fast = load_tokenizer(tiny_dir, fast=True)
+    out = _save(fast, tmp_path, "json")
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    digest = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    assert digest in cfg["tokenizer_json_source"]
+    saved = json.loads((out / "tokenizer.json").read_text())
+    assert saved["decoder"] and saved["normalizer"] and saved["model"]["byte_fallback"] is True
+    # the record matches: the backend comes from tokenizer.json, not from tokenizer.model
+    t2 = load_tokenizer(out, fast=True)
+    assert not _built_from(t2, out)
+    assert json.loads(t2._tokenizer.to_str())["model"] == saved["model"]
+    texts = mixed_corpus(30, seed=8)
+    assert t2(texts)["input_ids"] == fast(texts)["input_ids"]
+    # a tokenizer.json that does not match tokenizer.model (here: no decoder, stale record) is ignored and rebuilt
+    saved["decoder"] = None
+    (out / "tokenizer.json").write_text(json.dumps(saved))
+    cfg["tokenizer_json_source"] = cfg["tokenizer_json_source"].replace(digest, "0" * 64)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    t3 = load_tokenizer(out, fast=True)
+    assert _built_from(t3, out)
+    ids = fast("Hello 😀 world")["input_ids"]
+    assert t3._tokenizer.decode(ids, skip_special_tokens=True) == "Hello 😀 world" == t3.decode(ids, skip_special_tokens=True)
+
+
+def test_slow_tokenizer_on_every_version(tiny_dir):
+    """The supported ways to get the SentencePiece tokenizer (transformers 5.x's AutoTokenizer ignores use_fast)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    fast = load_tokenizer(tiny_dir, fast=True)
+    for cls in (type(fast).slow_tokenizer_class,
+                get_class_from_dynamic_module("tokenization_chatglm.ChatGLMTokenizer", str(tiny_dir))):
+        slow = cls.from_pretrained(str(tiny_dir))
+        assert type(slow).__name__ == "ChatGLMTokenizer" and not slow.is_fast
+        texts = mixed_corpus(20, seed=9)
+        assert slow(texts, padding=True)["input_ids"] == fast(texts, padding=True)["input_ids"]
 
 
 def test_missing_model_is_downloaded(tiny_model, tmp_path, monkeypatch):

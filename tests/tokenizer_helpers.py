@@ -141,3 +141,18 @@ def mixed_corpus(n: int, seed: int = 0, max_len: int = 200):
         out.append("".join(parts))
     # lone surrogates are not text; the tokenizers clean them, the raw SentencePiece reference cannot take them
     return [s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace") for s in out]
+
+
+EOS_TEXT = "</s>"
+
+
+def sp_reference_ids(sp, text: str):
+    """Ids of `text` (no prefix) built from raw SentencePiece: "</s>" is the end-of-sequence id, every other
+    piece of text between them is encoded by SentencePiece on its own (with its own dummy prefix)."""
+    ids = []
+    for k, chunk in enumerate(text.split(EOS_TEXT)):
+        if k:
+            ids.append(sp.eos_id())
+        if chunk:
+            ids.extend(sp.encode(chunk))
+    return ids
