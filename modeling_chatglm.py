@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,12 @@ from .quantization import (
     quantize,
     set_quantization_backend,
 )
+
+if TYPE_CHECKING:
+    # quantization.py imports the kernel modules lazily; they are named here too because transformers < 5 copies
+    # into its module cache only the files that this module imports (when loading from a local folder).
+    from .cpu_kernels import KERNELS  # noqa: F401
+    from .cuda_kernels import launcher  # noqa: F401
 
 logger = logging.get_logger(__name__)
 

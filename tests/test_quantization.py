@@ -914,3 +914,117 @@ def test_cpu_kernels_share_torchs_openmp_runtime():
     assert proc.returncode == 0, proc.stderr
     added, before = proc.stdout.rsplit(" ", 1)
     assert added == "[]" and int(before) >= 1  # torch's libgomp was there, and the kernels reuse it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The entry point quantize(model, bits, ...) and the explicit pack / unpack of a whole model
+# ---------------------------------------------------------------------------------------------------------------------
+def test_quantize_checks_its_arguments_before_any_work(float_dir):
+    model = _quiet_load(float_dir)
+    qmod = quantization_module_of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, message in ((dict(bits=3), "0, 4 or 8"), (dict(bits="8"), "0, 4 or 8"), (dict(bits=8.0), "0, 4 or 8"),
+                            (dict(bits=8, empty_init="no"), "empty_init must be True or False"),
+                            (dict(bits=8, device="nowhere"), "device"),
+                            (dict(bits=8, colour=1), "unexpected argument")):
+        for entry in (model, model.transformer):
+            with pytest.raises(ValueError, match=message):
+                entry.quantize(**kwargs)
+    for entry in (model, model.transformer):
+        assert entry.quantize(0) is entry
+    assert qmod.quantize(model, 0) is model
+    assert model.config.quantization_bit == 0
+    assert not any(type(m).__name__ == "QuantizedLinear" for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_every_quantize_method_is_the_same_conversion_and_honours_its_arguments(float_dir):
+    full = _quiet_load(float_dir).quantize(8)
+    core_only = _quiet_load(float_dir)
+    assert core_only.transformer.quantize(8) is core_only.transformer
+    assert core_only.config.quantization_bit == 8
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(core_only(ids).logits, full(ids).logits)
+    # empty_init: allocated, not computed; a load fills them in
+    empty = _quiet_load(float_dir).quantize(8, empty_init=True)
+    assert all(type(m).__name__ == "QuantizedLinear" for m in block_linears(empty).values())
+    empty.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        assert torch.equal(empty(ids).logits, full(ids).logits)
+    # device: where the quantized layers are computed and kept
+    on_meta = _quiet_load(float_dir).quantize(8, device="meta")
+    assert all(m.weight.is_meta and m.weight_scale.is_meta for m in block_linears(on_meta).values())
+
+
+def test_model_pack_unpack_and_the_ways_back_to_the_stored_format(float_dir):
+    model = _quiet_load(float_dir).quantize(4)
+    qmod = quantization_module_of(model)
+    layers = list(block_linears(model).values())
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    ids = _ids()
+    with torch.no_grad():
+        unpacked_logits = model(ids).logits
+    assert qmod.pack(model) is model
+    assert all(m.is_packed and m.backend == "cpu-int4pack" for m in layers)
+    assert [id(p) for p in model.parameters()] == params  # the same Parameter objects throughout
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, unpacked_logits, rtol=1e-4, atol=1e-4)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in stored.items()) and all(m.is_packed for m in layers)
+    for undo in (lambda m: qmod.unpack(m), lambda m: m.train(), lambda m: m.float(), lambda m: m.to("cpu")):
+        qmod.pack(model.eval())
+        undo(model)
+        assert not any(m.is_packed or m.packed_weight is not None for m in layers)
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in stored.items())
+        assert [id(p) for p in model.parameters()] == params
+
+
+_FRESH_PROCESS_CHILD = r"""
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+folder, io_file = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+package = type(model).__module__.rsplit(".", 1)[0]
+lazy = [name for name in ("cpu_kernels", "cuda_kernels") if f"{package}.{name}" not in sys.modules]
+qmod = sys.modules[package + ".quantization"]
+ids = torch.load(io_file)["ids"]
+with torch.no_grad():
+    unpacked = model(ids).logits
+    packed = qmod.pack(model)(ids).logits
+cache = os.path.dirname(sys.modules[type(model).__module__].__file__)
+torch.save({"unpacked": unpacked, "packed": packed, "lazy": lazy, "backend": qmod.quantization_backend(model),
+            "cached": sorted(f for f in os.listdir(cache) if f.endswith(".py")),
+            "cuda_imported": f"{package}.cuda_kernels" in sys.modules}, io_file)
+"""
+
+
+def test_saved_quantized_model_loads_and_runs_in_a_fresh_process(float_dir, tmp_path):
+    """save_pretrained writes every code file (the kernel modules too) and transformers copies them all into its
+    module cache: the folder alone loads in a new process, with a fresh HF_HOME, and gives the same logits."""
+    model = _quiet_load(float_dir).quantize(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    for name in ("quantization.py", "cpu_kernels.py", "cuda_kernels.py"):
+        assert (tmp_path / "saved" / name).read_bytes() == (REPO / name).read_bytes(), name
+    ids = _ids()
+    with torch.no_grad():
+        unpacked = model(ids).logits
+        packed = quantization_module_of(model).pack(model)(ids).logits
+    io_file = tmp_path / "io.pt"
+    torch.save({"ids": ids}, io_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CHILD, str(tmp_path / "saved"), str(io_file)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(io_file)
+    assert {"quantization.py", "cpu_kernels.py", "cuda_kernels.py", "configuration_chatglm.py"} <= set(got["cached"])
+    assert got["lazy"] == ["cpu_kernels", "cuda_kernels"]  # loading imports no kernel module
+    assert not got["cuda_imported"] and got["backend"] == "cpu-int4pack"
+    torch.testing.assert_close(got["unpacked"], unpacked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["packed"], packed, rtol=1e-5, atol=1e-5)
