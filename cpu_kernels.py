@@ -161,8 +161,8 @@ class Int4Pack:
     def matmul(self, x2, packed, table, bits, out_features, in_features):
         if x2.dtype != table.dtype:
             return self.matmul(x2.to(table.dtype), packed, table, bits, out_features, in_features).to(x2.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self._group_size(in_features),
-                                                          table)
+        group_size = in_features // table.shape[0]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
