@@ -153,8 +153,9 @@ class Int4Pack:
         block_n, mode = self._calibrate()
         return codes_to_stored(self._layout_unpack(packed, out_features, in_features, block_n, mode) ^ 8)
 
-    def scales(self, scale, in_features):
-        """[K/group, N, 2] (scale, zero = 0) in the model dtype."""
+    def scales(self, scale, in_features, dtype):
+        """[K/group, N, 2] (scale, zero = 0) in the activation dtype."""
+        scale = scale.to(dtype)
         groups = in_features // self._group_size(in_features)
         return torch.stack((scale.expand(groups, -1), torch.zeros_like(scale).expand(groups, -1)), -1).contiguous()
 
@@ -530,15 +531,16 @@ def _self_check(lib) -> bool:
         packed = pack_blocked(stored, bits)
         if not torch.equal(unpack_blocked(packed, bits, n, k), stored):
             return False
+        scale32 = scale.float()  # (every tensor whose address the library gets is held by a name)
         for rows in (1, 3):
             x = torch.randn(rows, k, generator=gen).bfloat16()
-            out = torch.empty(rows, n)
-            lib.chatglm_cpu_matmul(x.float().data_ptr(), x.data_ptr(), rows, packed.data_ptr(), bits,
-                                   scale.float().data_ptr(), out.data_ptr(), n, k, 1)
-            if not torch.allclose(out, x.float() @ weight.t(), rtol=1e-4, atol=1e-4):
+            x32, out = x.float(), torch.empty(rows, n)
+            lib.chatglm_cpu_matmul(x32.data_ptr(), x.data_ptr(), rows, packed.data_ptr(), bits, scale32.data_ptr(),
+                                   out.data_ptr(), n, k, 1)
+            if not torch.allclose(out, x32 @ weight.t(), rtol=1e-4, atol=1e-4):
                 return False
         dense = torch.empty(n, k, dtype=torch.bfloat16)
-        lib.chatglm_cpu_dequantize(packed.data_ptr(), bits, scale.float().data_ptr(), dense.data_ptr(), 1, n, k, 1)
+        lib.chatglm_cpu_dequantize(packed.data_ptr(), bits, scale32.data_ptr(), dense.data_ptr(), 1, n, k, 1)
         if not torch.equal(dense, weight.bfloat16()):
             return False
     return True
@@ -612,8 +614,8 @@ class Avx512:
     def unpack(self, packed, bits, out_features, in_features):
         return unpack_blocked(packed, bits, out_features, in_features)
 
-    def scales(self, scale, in_features):
-        return scale.to(torch.float32).contiguous()
+    def scales(self, scale, in_features, dtype):
+        return scale.to(torch.float32).contiguous()  # exact: the model-dtype scales widened
 
     def matmul(self, x2, packed, scale, bits, n, k):
         lib, threads, rows = _lib, torch.get_num_threads(), x2.shape[0]

@@ -131,7 +131,7 @@ def dequantize_weight(stored: torch.Tensor, scale: torch.Tensor, bits: int) -> t
 # ---------------------------------------------------------------------------------------------------------------------
 # Backends. Each kernel object has: name; layout (None: reads the stored format); differentiable;
 # usable(bits, out_features, in_features, dtype); matmul(x2, weight, scale, bits, out_features, in_features) -> the
-# product without bias; and, with a layout, pack(stored, bits) / unpack(packed, bits, n, k) / scales(scale, k).
+# product without bias; and, with a layout, pack(stored, bits) / unpack(packed, bits, n, k) / scales(scale, k, dtype).
 # ---------------------------------------------------------------------------------------------------------------------
 class _TorchDequant:
     name = "torch-dequant"
@@ -307,7 +307,7 @@ class QuantizedLinear(torch.nn.Module):
                 if kernel.layout is not None:
                     weight = self._parameters["weight"]
                     self.packed_weight = kernel.pack(weight.detach(), self.weight_bit_width)
-                    self.scale_table = kernel.scales(self.weight_scale.detach().to(dtype), self.in_features)
+                    self.scale_table = kernel.scales(self.weight_scale.detach(), self.in_features, dtype)
                     weight.data = torch.empty(0, dtype=torch.int8, device=device)
                     self.is_packed = True
             self._kernel, self.backend, self._bound_for = kernel, kernel.name, (device, dtype, _choice_epoch)
