@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import threading
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,20 @@ from transformers.modeling_outputs import (
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging
 
-from .configuration_chatglm import SUPPORTED_QUANTIZATION_BITS, ChatGLMConfig
+from .configuration_chatglm import ChatGLMConfig
 from .quantization import (
     QuantizedLinear,
     check_quantized_load,
     quantization_backend,
-    quantize_model,
+    quantize,
     set_quantization_backend,
 )
+
+if TYPE_CHECKING:
+    # quantization.py imports the kernel modules lazily; they are named here too because transformers < 5 copies
+    # into its module cache only the files that this module imports (when loading from a local folder).
+    from .cpu_kernels import KERNELS  # noqa: F401
+    from .cuda_kernels import launcher  # noqa: F401
 
 logger = logging.get_logger(__name__)
 
@@ -548,7 +554,8 @@ _WEIGHT_FILE_RE = re.compile(
     r"\.index\.json")
 # Weights a checkpoint may lack: the rotary buffer (recomputed), new p-tuning prefixes, a fresh classification head.
 _MISSING_OK_RE = re.compile(r"(?:^|\.)(?:rotary_pos_emb\.inv_freq|prefix_encoder\..+|classifier_head\..+)$")
-REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
+REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py",
+                     "cuda_kernels.py", "tokenization_chatglm.py")
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -935,11 +942,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             past_key_values=past if use_cache else None, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_probs) if all_probs is not None else None)
 
-    def quantize(self, weight_bit_width: int):
-        unpack_cpu_weights(self)
-        quantize_model(self.encoder, weight_bit_width)
-        self.config.quantization_bit = weight_bit_width
-        return self
+    def quantize(self, bits: int, **kwargs):
+        """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
+        return quantize(self, bits, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1138,11 +1143,6 @@ class _TokenQueue:
             yield item
 
 
-def _validate_bits(bits):
-    if isinstance(bits, bool) or bits not in SUPPORTED_QUANTIZATION_BITS:
-        raise ValueError(f"quantization bits must be one of {SUPPORTED_QUANTIZATION_BITS}, got {bits!r}")
-
-
 class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM3 with its language-model head (``output_layer``). Logits are ``[batch, seq, vocab]``."""
 
@@ -1312,37 +1312,10 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         """Force a quantized-matmul backend for every model using this code (``None``/``"auto"``: automatic)."""
         set_quantization_backend(name)
 
-    def quantize(self, bits: int, empty_init=False, device=None, quantize_output_layer: bool = False, **kwargs):
-        """Weight-only quantization of the block linears to int8 (``bits=8``) or int4 (``bits=4``), in place.
-        Returns the model. ``quantize(0)`` is a no-op. See quantization.py for formats and backends.
-
-        ``quantize_output_layer=True`` also quantizes ``output_layer`` (0.53 GB in bf16, read for every generated
-        token) and sets ``config.quantize_output_layer``; such a checkpoint loads with this code only (the
-        original's loader expects a float output layer). See README for what it costs in accuracy."""
-        _validate_bits(bits)
-        if not isinstance(quantize_output_layer, bool):
-            raise ValueError(f"quantize_output_layer must be True or False, got {quantize_output_layer!r}")
-        if bits == 0:
-            return self
-        if self.quantized:
-            if bits != self.config.quantization_bit:
-                raise ValueError(
-                    f"model is already quantized to {self.config.quantization_bit} bits; load the float "
-                    f"checkpoint to quantize to {bits} bits")
-            if not quantize_output_layer or self.config.quantize_output_layer:
-                logger.warning("Already quantized to %d bits; nothing to do.", bits)
-                return self
-        if quantize_output_layer and self.config.tie_word_embeddings:
-            raise ValueError("cannot quantize output_layer: it is tied to the input embeddings "
-                             "(tie_word_embeddings=True)")
-        unpack_cpu_weights(self)
-        quantize_model(self.transformer.encoder, bits)
-        if quantize_output_layer:
-            with torch.no_grad():
-                self.transformer.output_layer = QuantizedLinear.from_linear(self.transformer.output_layer, bits)
-            self.config.quantize_output_layer = True
-        self.config.quantization_bit = bits
-        return self
+    def quantize(self, bits: int, **kwargs):
+        """Weight-only int8 / int4 quantization in place (``quantize_output_layer=True`` also quantizes
+        ``output_layer``): see quantization.quantize."""
+        return quantize(self, bits, **kwargs)
 
 
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
@@ -1417,7 +1390,5 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels.float())
 
     def quantize(self, bits: int, **kwargs):
-        _validate_bits(bits)
-        if bits and not self.config.quantization_bit:
-            self.transformer.quantize(bits)
-        return self
+        """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
+        return quantize(self, bits, **kwargs)

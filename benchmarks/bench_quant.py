@@ -17,13 +17,14 @@ Writes a JSON summary to benchmarks/results/bench_quant.json (next to this file)
 """
 import argparse
 import copy
-import importlib.util
+import importlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -39,10 +40,11 @@ SHAPES = {  # name: (out_features, in_features) at ChatGLM3-6B widths
 
 
 def load_quantization():
-    spec = importlib.util.spec_from_file_location("chatglm_quantization_bench", REPO / "quantization.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """quantization.py imported as a member of a package (for its relative imports of the kernel modules)."""
+    package = types.ModuleType("chatglm_bench_code")
+    package.__path__ = [str(REPO)]
+    sys.modules[package.__name__] = package
+    return importlib.import_module("chatglm_bench_code.quantization")
 
 
 def timeit(fn, repeat, warmup=3):
@@ -80,10 +82,10 @@ def microbench(Q, repeat, rows_list=(1, 128)):
                 for bits, layer in layers.items():
                     for backend in ("cpu-avx512", "cpu-int8pack" if bits == 8 else "cpu-int4pack"):
                         Q.set_quantization_backend(backend)
-                        if layer.backend_for() != backend:
+                        if layer.pack().backend != backend:
                             continue  # not available on this machine
                         row[f"int{bits}/{backend}"] = timeit(lambda: layer(x), reps) * 1e3
-                        assert layer._last_backend == backend
+                        assert layer.backend == backend
                     Q.set_quantization_backend(None)
             results.append(row)
         del lin, layers, packed
@@ -117,7 +119,8 @@ def build_model(layers):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(tempfile.mkdtemp(prefix="chatglm_bench_"))
-    for f in ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py"):
+    for f in ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
+              "tokenization_chatglm.py"):
         if (REPO / f).exists():
             shutil.copyfile(REPO / f, folder / f)
     cfg = json.loads((REPO / "config.json").read_text())
@@ -142,7 +145,7 @@ def decode_ms_per_token(model, tokens, prompt_len=16):
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
 
-    run(2)  # warm-up (and the one-time int4 repack)
+    run(2)  # warm-up
     best = float("inf")
     for _ in range(2):
         t0 = time.perf_counter()
@@ -212,7 +215,7 @@ def main():
         results = {}
         outputs = {}
         for bits in (0, 8, 4):
-            m = model if bits == 0 else copy.deepcopy(model).quantize(bits)
+            m = model if bits == 0 else qmod.pack(copy.deepcopy(model).quantize(bits))
             ms, out = decode_ms_per_token(m, args.tokens)
             results[bits] = dict(ms_per_token=ms, block_linear_bytes=linear_bytes(m, Q),
                                  backend=qmod.quantization_backend(m) if bits else "bf16 F.linear",

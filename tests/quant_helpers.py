@@ -1,7 +1,8 @@
 """Reference implementation of the published quantized storage format, written from the format description
 (not from quantization.py), to check quantization.py against bit for bit."""
-import importlib.util
+import importlib
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -10,15 +11,24 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCK_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
+PACKAGE = "chatglm_remote_code_under_test"
+# The same for a child process: `python -c CHILD_IMPORT+code REPO` runs code with `m` = quantization.py.
+CHILD_IMPORT = ("import sys, types, importlib; pkg = types.ModuleType('rc'); pkg.__path__ = [sys.argv[1]]; "
+                "sys.modules['rc'] = pkg; m = importlib.import_module('rc.quantization'); ")
+
+
+def load_module(name="quantization"):
+    """A remote-code file (quantization.py, cpu_kernels.py, ...) imported from the repository as a member of a
+    package, so that its relative imports work as they do in transformers' module cache."""
+    if PACKAGE not in sys.modules:
+        package = types.ModuleType(PACKAGE)
+        package.__path__ = [str(REPO)]
+        sys.modules[PACKAGE] = package
+    return importlib.import_module(f"{PACKAGE}.{name}")
+
+
 def load_quantization_module():
-    """quantization.py imported as a plain module (it has no relative imports)."""
-    name = "chatglm_quantization_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "quantization.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_module("quantization")
 
 
 def quantization_module_of(model):

@@ -1,6 +1,6 @@
 """Weight-only int8/int4 quantization: storage format (bit-exact against a reference packer), compute backends,
-QuantizedLinear life cycle (pack once, state_dict, load, device moves), model-level accuracy, save/load round
-trips, checkpoints in the original's layout, error messages, and memory."""
+QuantizedLinear life cycle (explicit pack / unpack, state_dict, load, device moves), model-level accuracy,
+save/load round trips (also in a fresh process), checkpoints in the original's layout, error messages, memory."""
 import ast
 import copy
 import io
@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, load_model, make_model_dir, write_code, write_config
-from quant_helpers import (block_linears, load_quantization_module, quantization_module_of, reference_pack_int4,
-                           reference_quantize, reference_unpack_int4)
+from quant_helpers import (CHILD_IMPORT, block_linears, load_module, load_quantization_module, quantization_module_of,
+                           reference_pack_int4, reference_quantize, reference_unpack_int4)
 
 Q = load_quantization_module()
+CK = load_module("cpu_kernels")
+GK = load_module("cuda_kernels")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_BACKEND_FOR_BITS = {8: "cpu-int8pack", 4: "cpu-int4pack"}
 
@@ -119,13 +121,14 @@ def test_quantized_linear_matches_dequantized_linear(dtype, bits, backend):
     lin, layer = _layer(bits, dtype)
     Q.set_quantization_backend(CPU_BACKEND_FOR_BITS[bits] if backend == "cpu" else backend)
     expected_backend = "torch-dequant" if backend == "torch-dequant" else CPU_BACKEND_FOR_BITS[bits]
+    layer.pack()
     assert layer.backend_for() == expected_backend
     assert Q.quantization_backend(layer) == expected_backend
     deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
     x = torch.randn(3, 5, 96).to(dtype)
     with torch.no_grad():
         out = layer(x)
-    assert layer._last_backend == expected_backend
+    assert layer.backend == expected_backend
     assert out.shape == (3, 5, 192) and out.dtype == dtype
     reference = F.linear(x.float(), deq.float(), lin.bias.float())
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
@@ -148,43 +151,66 @@ def test_shapes_the_cpu_kernels_cannot_take_use_torch_dequant():
     # the int4 kernel needs out_features % 16 == 0 and in_features % 32 == 0.
     for bits, out, inp in ((8, 32, 40), (4, 40, 64), (4, 32, 48)):
         lin, layer = _layer(bits, torch.float32, out=out, inp=inp)
-        assert layer.backend_for() == "torch-dequant"
+        assert layer.pack().backend == "torch-dequant" and not layer.is_packed
         x = torch.randn(2, inp)
         deq = Q.dequantize_weight(layer.weight, layer.weight_scale, bits)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), F.linear(x, deq, lin.bias))
 
 
+@pytest.mark.parametrize("bits", (8, 4))
+def test_forward_never_changes_the_layout_and_binds_a_stored_format_backend(bits):
+    _, layer = _layer(bits, torch.bfloat16)
+    tensors = [(n, t) for n, t in list(layer.named_parameters()) + list(layer.named_buffers())]
+    with torch.no_grad():
+        layer(torch.randn(2, 96, dtype=torch.bfloat16))
+    assert not layer.is_packed and layer.packed_weight is None
+    assert [(n, t) for n, t in list(layer.named_parameters()) + list(layer.named_buffers())] == tensors
+    assert layer.backend == ("cpu-int8pack" if bits == 8 else "torch-dequant")  # no layout of its own
+    Q.set_quantization_backend("torch-dequant")  # unpacked layers choose again
+    with torch.no_grad():
+        layer(torch.randn(2, 96, dtype=torch.bfloat16))
+    assert layer.backend == "torch-dequant"
+
+
 def test_int4_cpu_layout_packed_once_and_state_dict_gives_back_stored_format():
     _, layer = _layer(4, torch.bfloat16)
     stored = layer.weight.detach().clone()
     x = torch.randn(2, 96, dtype=torch.bfloat16)
+    assert layer.pack() is layer and layer.backend == "cpu-int4pack" and layer.is_packed
     with torch.no_grad():
         first = layer(x)
     assert layer.packed_weight is not None and layer.weight.numel() == 0  # one resident copy
     packed = layer.packed_weight
     with torch.no_grad():
         assert torch.equal(layer(x), first)
-    assert layer.packed_weight is packed  # not repacked per call
+    layer.pack()
+    assert layer.packed_weight is packed  # packing again is a no-op
     sd = layer.state_dict()
     assert set(sd) == {"weight", "weight_scale", "bias"}  # runtime buffers are not persistent
-    assert torch.equal(sd["weight"], stored)
+    assert torch.equal(sd["weight"], stored) and layer.is_packed  # state_dict() does not unpack
     assert torch.equal(layer.stored_weight(), stored)
     # chunked packing equals packing in one go
-    old = Q._PACK_CHUNK_ROWS
+    old = CK.PACK_CHUNK_ROWS
     try:
-        Q._PACK_CHUNK_ROWS = 64
-        assert torch.equal(Q._cpu_int4_pack(stored), packed)
+        CK.PACK_CHUNK_ROWS = 64
+        assert torch.equal(CK.KERNELS["cpu-int4pack"].pack(stored, 4), packed)
     finally:
-        Q._PACK_CHUNK_ROWS = old
+        CK.PACK_CHUNK_ROWS = old
+    # unpack gives the stored weight back in the same Parameter object
+    weight_param = layer.weight
+    layer.unpack()
+    assert layer.weight is weight_param and torch.equal(layer.weight, stored)
+    assert not layer.is_packed and layer.packed_weight is None and layer.scale_table is None
 
 
 @pytest.mark.parametrize("bits", (8, 4))
 def test_quantized_linear_life_cycle(bits):
     _, layer = _layer(bits, torch.float32)
     x = torch.randn(4, 96)
+    layer.pack()
     with torch.no_grad():
-        expected = layer(x)  # packs (int4)
+        expected = layer(x)
     stored = layer.state_dict()["weight"].clone()
 
     # deepcopy / pickle keep working
@@ -197,20 +223,21 @@ def test_quantized_linear_life_cycle(bits):
     # an empty layer built on meta (as transformers does), then loaded
     fresh = Q.QuantizedLinear(96, 192, bits, bias=True, dtype=torch.float32, device="meta").to_empty(device="cpu")
     fresh.load_state_dict(layer.state_dict())
-    assert torch.equal(fresh(x), expected)
+    assert torch.equal(fresh.pack()(x), expected)
 
-    # loading / assigning a stored weight into a packed layer replaces the packed copy
+    # loading a stored weight into a packed layer unpacks it first; assigning one into an unpacked layer is seen
     other_lin, other = _layer(bits, torch.float32, seed=1)
     layer.load_state_dict(other.state_dict())
-    assert torch.equal(layer(x), other(x))
+    assert not layer.is_packed and torch.equal(layer(x), other(x))
     layer.weight = torch.nn.Parameter(stored.clone(), requires_grad=False)
     layer.weight_scale = torch.nn.Parameter(fresh.weight_scale.clone(), requires_grad=False)
     layer.bias = torch.nn.Parameter(fresh.bias.clone(), requires_grad=False)
-    assert torch.equal(layer(x), expected)
+    assert torch.equal(layer.pack()(x), expected)
 
-    # dtype moves keep the layout; device moves go back to the stored format
+    # dtype and device moves and train() go back to the stored format
     half = copy.deepcopy(layer).to(torch.bfloat16)
-    assert torch.equal(half.state_dict()["weight"], stored)
+    assert not half.is_packed and torch.equal(half.state_dict()["weight"], stored)
+    assert not copy.deepcopy(layer).train().is_packed
     assert half(x.bfloat16()).dtype == torch.bfloat16
     meta = copy.deepcopy(layer).to("meta")
     assert tuple(meta.weight.shape) == tuple(stored.shape) and meta.packed_weight is None
@@ -229,8 +256,8 @@ def test_load_state_dict_rejects_wrong_shapes_and_float_weights():
 def test_gradient_flows_to_the_input(bits):
     _, layer = _layer(bits, torch.float32)
     x = torch.randn(3, 96, requires_grad=True)
-    layer(x).sum().backward()
-    assert layer._last_backend == CPU_BACKEND_FOR_BITS[bits]
+    layer.pack()(x).sum().backward()
+    assert layer.backend == CPU_BACKEND_FOR_BITS[bits]
     deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
     torch.testing.assert_close(x.grad, deq.sum(0).expand(3, -1))
 
@@ -248,17 +275,16 @@ def test_meta_construction_and_from_linear_on_meta():
 # ---------------------------------------------------------------------------------------------------------------------
 # CUDA: graceful without it; bit-exact kernels with it
 # ---------------------------------------------------------------------------------------------------------------------
-def test_cpm_kernels_is_imported_lazily_only():
-    tree = ast.parse((REPO / "quantization.py").read_text())
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            assert not any("cpm_kernels" in n for n in names), "cpm_kernels must not be imported at module level"
-    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "assert 'cpm_kernels' not in sys.modules; print(m.quantization_backend())")
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "quantization.py")], capture_output=True,
-                         text=True, timeout=120)
+def test_kernel_modules_and_cpm_kernels_are_imported_lazily_only():
+    for name in ("quantization.py", "cuda_kernels.py", "cpu_kernels.py"):
+        for node in ast.parse((REPO / name).read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any("cpm_kernels" in n or n.endswith("_kernels") for n in names), (name, names)
+    code = CHILD_IMPORT + (
+        "assert not {'cpm_kernels', 'rc.cpu_kernels', 'rc.cuda_kernels'} & set(sys.modules); "
+        "print(m.quantization_backend()); assert 'rc.cpu_kernels' in sys.modules or 'rc.cuda_kernels' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     expected = "cuda-cpm_kernels cuda-nvrtc torch-dequant" if torch.cuda.is_available() else "cpu-avx512 cpu-int8pack"
     assert out.stdout.strip().splitlines()[-1] in expected.split()
@@ -268,8 +294,8 @@ def test_cuda_launchers_fail_gracefully_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     for name in Q.CUDA_BACKENDS:
-        Q._launchers.pop(name, None)
-        assert Q._get_launcher(name) is None  # no exception
+        GK._launchers.pop(name, None)
+        assert GK.launcher(name) is None  # no exception
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -280,12 +306,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("bits", (8, 4))
 def test_cuda_kernels_bit_exact(launcher, dtype, bits):
-    run = Q._get_launcher(launcher)
+    run = GK.launcher(launcher)
     if run is None:
         pytest.skip(f"{launcher} unavailable here")
     w = _weight(4608 // 8, 1024, torch.float32, zero_rows=(0, 7)).to(dtype).cuda()
     stored, scale = Q.quantize_weight(w, bits)
-    got = Q._cuda_dequantize(run, stored, scale, bits, dtype)
+    got = GK.dequantize(run, stored, scale, bits, dtype)
     torch.cuda.synchronize()
     assert torch.equal(got, Q.dequantize_weight(stored, scale, bits))
 
@@ -345,10 +371,12 @@ def test_model_logits_match_dequantized_float_model_for_every_cpu_backend(float_
     with torch.no_grad():
         expected = ref(ids).logits
         try:
+            assert qmod.quantization_backend(model) == ("cpu-int8pack" if bits == 8 else "torch-dequant")
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)  # unpacked
             for backend in ("auto", CPU_BACKEND_FOR_BITS[bits], "torch-dequant"):
                 qmod.set_quantization_backend(backend)
                 want = "torch-dequant" if backend == "torch-dequant" else CPU_BACKEND_FOR_BITS[bits]
-                assert qmod.quantization_backend(model) == want
+                assert qmod.quantization_backend(qmod.pack(model)) == want
                 got = model(ids).logits
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         finally:
@@ -369,9 +397,11 @@ def test_int8_greedy_decoding_mostly_agrees_with_float(float_dir):
 @pytest.mark.parametrize("bits", (8, 4))
 def test_save_load_round_trip(float_dir, tmp_path, bits):
     model = _quiet_load(float_dir).quantize(bits)
+    qmod = quantization_module_of(model)
+    qmod.pack(model)  # int4: the CPU layout; the saved file must still be the stored one
     ids = _ids()
     with torch.no_grad():
-        before = model(ids).logits  # int4: packs the CPU layout first; the saved file must still be the stored one
+        before = model(ids).logits
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -385,6 +415,7 @@ def test_save_load_round_trip(float_dir, tmp_path, bits):
         assert type(lin).__name__ == "QuantizedLinear"
         for p in ("weight", "weight_scale"):
             assert torch.equal(sd[f"{name}.{p}"], stored[f"{name}.{p}"]), name
+    quantization_module_of(loaded).pack(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
 
@@ -513,8 +544,9 @@ def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
     float_bytes = sum(resident(m) for m in block_linears(model).values())
     footprint_before = model.get_memory_footprint()
     model.quantize(bits)
+    quantization_module_of(model).pack(model)  # int4: repacked for the CPU kernel, still one copy
     with torch.no_grad():
-        model(_ids())  # int4: repacked for the CPU kernel, still one copy
+        model(_ids())
     quant_bytes = sum(resident(m) for m in block_linears(model).values())
     assert quant_bytes / float_bytes < limit
     assert quant_bytes / float_bytes > (0.5 if bits == 8 else 0.25)
@@ -528,9 +560,9 @@ def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
 def _host_can_build_cpu_kernels():
     import platform
 
-    flags = Q._cpu_signature()
+    flags = CK.cpu_signature()
     return (platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in flags and "avx512bw" in flags
-            and bool(Q._find_compiler()) and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
+            and bool(CK.find_compiler()) and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
 
 
 needs_cpu_kernels = pytest.mark.skipif(not _host_can_build_cpu_kernels(),
@@ -543,7 +575,7 @@ def test_cpu_kernels_are_used_where_the_host_can_build_them():
     CPU choice: a silent fallback would hide a broken kernel behind torch's slower one."""
     if not _host_can_build_cpu_kernels():
         pytest.skip("this host cannot build the AVX-512 kernels")
-    assert Q._load_cpu_kernels() is not None
+    assert CK.load() is not None
     if not torch.cuda.is_available():
         assert Q.quantization_backend() == "cpu-avx512"
 
@@ -556,7 +588,7 @@ def test_blocked_layout_matches_its_description(bits):
     qmax = 127 if bits == 8 else 7
     q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
     stored = q.clone() if bits == 8 else reference_pack_int4(q)
-    packed = Q._cpu_blocked_pack(stored, bits)
+    packed = CK.pack_blocked(stored, bits)
     assert packed.numel() == stored.numel() and packed.dtype == torch.int8
     # [N/8][K/128][8 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)]
     chunks = packed.view(torch.uint8).reshape(n // 8, k // 128, 8, 128 * bits // 8)
@@ -571,13 +603,13 @@ def test_blocked_layout_matches_its_description(bits):
                     for h in range(2):
                         assert torch.equal(line[32 * h:32 * h + 32] & 0xF, row[64 * h:64 * h + 32])
                         assert torch.equal(line[32 * h:32 * h + 32] >> 4, row[64 * h + 32:64 * h + 64])
-    assert torch.equal(Q._cpu_blocked_unpack(packed, bits, n, k), stored)
-    old = Q._PACK_CHUNK_ROWS
+    assert torch.equal(CK.unpack_blocked(packed, bits, n, k), stored)
+    old = CK.PACK_CHUNK_ROWS
     try:
-        Q._PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
-        assert torch.equal(Q._cpu_blocked_pack(stored, bits), packed)
+        CK.PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
+        assert torch.equal(CK.pack_blocked(stored, bits), packed)
     finally:
-        Q._PACK_CHUNK_ROWS = old
+        CK.PACK_CHUNK_ROWS = old
 
 
 @needs_cpu_kernels
@@ -585,7 +617,7 @@ def test_blocked_layout_matches_its_description(bits):
 @pytest.mark.parametrize("bits", (8, 4))
 def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
     lin, layer = _layer(bits, dtype, out=KERNEL_OUT, inp=KERNEL_IN)
-    assert layer.backend_for() == "cpu-avx512"
+    assert layer.pack().backend_for() == "cpu-avx512"
     deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
     gen = torch.Generator().manual_seed(7)
     # 1 row (decode; the bf16 dot-product path for int4 bf16), 2-4 rows (shared conversion), remainders, the
@@ -594,7 +626,7 @@ def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
         x = torch.randn(rows, KERNEL_IN, generator=gen).to(dtype)
         with torch.no_grad():
             out = layer(x)
-        assert layer._last_backend == "cpu-avx512" and out.dtype == dtype and out.shape == (rows, KERNEL_OUT)
+        assert layer.backend == "cpu-avx512" and out.dtype == dtype and out.shape == (rows, KERNEL_OUT)
         reference = F.linear(x.float(), deq.float(), lin.bias.float())
         # fp32 accumulation everywhere: the error is the output rounding (bf16 2^-9, fp16 2^-12 relative)
         tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
@@ -610,18 +642,19 @@ def test_cpu_kernel_dequantize_is_bit_exact(dtype, bits):
     expected = Q.dequantize_weight(stored, layer.weight_scale, bits)
     x = torch.randn(40, KERNEL_IN).to(dtype)  # > 16 rows: dequantize + F.linear
     with torch.no_grad():
-        out = layer(x)
-        assert layer._last_backend == "cpu-avx512" and layer._layout == "blocked"
+        out = layer.pack()(x)
+        assert layer.backend == "cpu-avx512" and layer.is_packed
         dense = torch.empty(KERNEL_OUT, KERNEL_IN, dtype=dtype)
-        scale = layer._scale_table_for(torch.float32, "blocked")
-        Q._load_cpu_kernels().chatglm_cpu_dequantize(layer.packed_weight.data_ptr(), bits, scale.data_ptr(),
-                                                     dense.data_ptr(), Q._CPU_OUT_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
+        scale = layer.scale_table
+        assert scale.dtype == torch.float32
+        CK.load().chatglm_cpu_dequantize(layer.packed_weight.data_ptr(), bits, scale.data_ptr(), dense.data_ptr(),
+                                         CK.OUT_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
         assert torch.equal(dense, expected)
         assert torch.equal(out, F.linear(x, expected) + layer.bias)
 
 
 @needs_cpu_kernels
-def test_first_use_from_several_threads_packs_once():
+def test_packing_and_running_from_several_threads():
     import threading
 
     layers = [_layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN, seed=s)[1] for s, bits in ((0, 8), (1, 4))]
@@ -633,7 +666,7 @@ def test_first_use_from_several_threads_packs_once():
     def work():
         try:
             with torch.no_grad():
-                results.append([l(x) for l in layers])
+                results.append([l.pack()(x) for l in layers])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -652,6 +685,7 @@ def test_first_use_from_several_threads_packs_once():
 @needs_cpu_kernels
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
     _, layer = _layer(4, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN)
+    layer.pack()
     x = torch.randn(3, KERNEL_IN, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     try:
@@ -672,8 +706,8 @@ def test_cpu_kernel_layout_life_cycle(bits):
     stored = layer.weight.detach().clone()
     x = torch.randn(2, KERNEL_IN, dtype=torch.bfloat16)
     with torch.no_grad():
-        first = layer(x)
-    assert layer._layout == "blocked" and layer.weight.numel() == 0  # one resident copy, same size
+        first = layer.pack()(x)
+    assert layer.backend == "cpu-avx512" and layer.weight.numel() == 0  # one resident copy, same size
     assert layer.packed_weight.numel() == stored.numel()
     packed = layer.packed_weight
     with torch.no_grad():
@@ -685,20 +719,21 @@ def test_cpu_kernel_layout_life_cycle(bits):
     # switching to torch's kernel and back changes the resident layout, never the stored weight
     Q.set_quantization_backend(CPU_BACKEND_FOR_BITS[bits])
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), first, rtol=1e-2, atol=1e-2)
-    assert layer._last_backend == CPU_BACKEND_FOR_BITS[bits]
+        assert torch.equal(layer(x), first)  # a packed layer keeps its kernel until the next pack()
+        torch.testing.assert_close(layer.pack()(x), first, rtol=1e-2, atol=1e-2)
+    assert layer.backend == CPU_BACKEND_FOR_BITS[bits]
     assert torch.equal(layer.state_dict()["weight"], stored)
     Q.set_quantization_backend(None)
     with torch.no_grad():
-        assert torch.equal(layer(x), first)
+        assert torch.equal(layer.pack()(x), first)
     # gradients reach the input through the dequantized weight
     xg = x.float().requires_grad_()
-    layer32 = copy.deepcopy(layer).float()
+    layer32 = copy.deepcopy(layer).float().pack()
     layer32(xg).sum().backward()
     deq = Q.dequantize_weight(stored, layer32.weight_scale, bits)
     torch.testing.assert_close(xg.grad, deq.sum(0).expand(2, -1))
     # a dtype move converts the float buffers (the fp32 scale table too): results must not change
-    moved = copy.deepcopy(layer).to(torch.bfloat16)
+    moved = copy.deepcopy(layer).to(torch.bfloat16).pack()
     with torch.no_grad():
         assert torch.equal(moved(x), first)
     assert moved.scale_table.dtype == torch.float32
@@ -723,7 +758,7 @@ def kernel_float_dir(tmp_path_factory):
 def test_cpu_kernel_model_matches_dequantized_float_model(kernel_float_dir, bits):
     model = _quiet_load(kernel_float_dir).quantize(bits)
     qmod = quantization_module_of(model)
-    assert qmod.quantization_backend(model) == "cpu-avx512"
+    assert qmod.quantization_backend(qmod.pack(model)) == "cpu-avx512"
     ref = _dequantized_float_model(kernel_float_dir, model)
     ids = _ids(n=12)
     with torch.no_grad():
@@ -738,15 +773,13 @@ def test_cpu_kernel_model_matches_dequantized_float_model(kernel_float_dir, bits
         a = model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
         b = ref.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
-    assert {m._last_backend for m in block_linears(model).values()} == {"cpu-avx512"}
+    assert {m.backend for m in block_linears(model).values()} == {"cpu-avx512"}
 
 
-_FALLBACK_CHILD = (
-    "import sys, importlib.util, torch; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
-    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-    "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8); "
-    "x = torch.randn(2, 256); y = layer(x); ok = torch.allclose(y, x @ m.dequantize_weight(layer.stored_weight(), layer.weight_scale, 8).t() "
-    "+ layer.bias, atol=1e-4); print(layer._last_backend, ok)")
+_FALLBACK_CHILD = CHILD_IMPORT + (
+    "import torch; layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8).pack(); x = torch.randn(2, 256); "
+    "ok = torch.allclose(layer(x), x @ m.dequantize_weight(layer.stored_weight(), layer.weight_scale, 8).t() "
+    "+ layer.bias, atol=1e-4); print(layer.backend, ok)")
 
 
 @pytest.mark.parametrize("env", ({}, {"CHATGLM_CPU_KERNELS": "0"}, {"CC": "/bin/false"}, {"CC": "/nonexistent/cc"}),
@@ -762,7 +795,7 @@ def test_cpu_kernels_build_or_fall_back_to_torch_kernels(tmp_path, env):
         d.mkdir()
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
     child_env.update(env, HF_HOME=str(dirs["hf"]), HOME=str(dirs["home"]), TMPDIR=str(dirs["tmp"]))
-    proc = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO / "quantization.py")], env=child_env,
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO)], env=child_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["cpu-avx512" if builds else "cpu-int8pack", "True"]
@@ -772,7 +805,7 @@ def test_cpu_kernels_build_or_fall_back_to_torch_kernels(tmp_path, env):
     assert len(libraries) == (1 if builds else 0)
     if builds:
         assert libraries[0].parent == dirs["hf"] / "modules" / "chatglm3_cpu_kernels"
-        assert libraries[0].with_suffix(".c").read_text() == Q.CPU_SOURCE  # the source it was built from, readable
+        assert libraries[0].with_suffix(".c").read_text() == CK.CPU_SOURCE  # the source it was built from, readable
     assert not list(dirs["home"].rglob("*")) and not list(dirs["tmp"].rglob("*"))
 
 
@@ -839,37 +872,35 @@ def test_quantize_output_layer_bad_input(float_dir, tmp_path):
         q.quantize(4, quantize_output_layer=True)
 
 
-_DAMAGED_CHILD = (
-    "import os, sys, importlib.util, torch; spec = importlib.util.spec_from_file_location('q', sys.argv[1]); "
-    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-    "path = m._cpu_library_path(m._find_compiler(), m._cpu_signature()); os.makedirs(os.path.dirname(path)); "
+_DAMAGED_CHILD = CHILD_IMPORT + (
+    "import os, torch; k = importlib.import_module('rc.cpu_kernels'); "
+    "path = k.library_path(k.find_compiler(), k.cpu_signature()); os.makedirs(os.path.dirname(path)); "
     "open(path, 'wb').write(b'not a library'); "
-    "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8); layer(torch.randn(1, 256)); "
-    "print(layer._last_backend, os.path.exists(path))")
+    "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8).pack(); layer(torch.randn(1, 256)); "
+    "print(layer.backend, os.path.exists(path))")
 
 
 @needs_cpu_kernels
 def test_a_damaged_cached_library_falls_back_and_is_rebuilt_next_time(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
     env["HF_HOME"] = str(tmp_path / "hf")
-    first = subprocess.run([sys.executable, "-c", _DAMAGED_CHILD, str(REPO / "quantization.py")], env=env,
+    first = subprocess.run([sys.executable, "-c", _DAMAGED_CHILD, str(REPO)], env=env,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == ["cpu-int8pack", "False"]  # fell back, and removed the damaged file
     assert first.stderr.count("could not be loaded or failed their self-check") == 1
-    second = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO / "quantization.py")], env=env,
+    second = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split() == ["cpu-avx512", "True"]
 
 
-_OPENMP_CHILD = (
-    "import sys, importlib.util, torch\n"
+_OPENMP_CHILD = CHILD_IMPORT + (
+    "import torch\n"
     "def runtimes():\n"
     "    return {l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libiomp' in l}\n"
     "before = runtimes()\n"
-    "spec = importlib.util.spec_from_file_location('q', sys.argv[1]); m = importlib.util.module_from_spec(spec)\n"
-    "spec.loader.exec_module(m); assert m._load_cpu_kernels() is not None\n"
+    "assert importlib.import_module('rc.cpu_kernels').load() is not None\n"
     "print(sorted(runtimes() - before), len(before))")
 
 
@@ -878,8 +909,122 @@ def test_cpu_kernels_share_torchs_openmp_runtime():
     """Loading the kernels must not bring a second OpenMP runtime (two thread pools fighting over the cores)."""
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs /proc")
-    proc = subprocess.run([sys.executable, "-c", _OPENMP_CHILD, str(REPO / "quantization.py")],
+    proc = subprocess.run([sys.executable, "-c", _OPENMP_CHILD, str(REPO)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     added, before = proc.stdout.rsplit(" ", 1)
     assert added == "[]" and int(before) >= 1  # torch's libgomp was there, and the kernels reuse it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The entry point quantize(model, bits, ...) and the explicit pack / unpack of a whole model
+# ---------------------------------------------------------------------------------------------------------------------
+def test_quantize_checks_its_arguments_before_any_work(float_dir):
+    model = _quiet_load(float_dir)
+    qmod = quantization_module_of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, message in ((dict(bits=3), "0, 4 or 8"), (dict(bits="8"), "0, 4 or 8"), (dict(bits=8.0), "0, 4 or 8"),
+                            (dict(bits=8, empty_init="no"), "empty_init must be True or False"),
+                            (dict(bits=8, device="nowhere"), "device"),
+                            (dict(bits=8, colour=1), "unexpected argument")):
+        for entry in (model, model.transformer):
+            with pytest.raises(ValueError, match=message):
+                entry.quantize(**kwargs)
+    for entry in (model, model.transformer):
+        assert entry.quantize(0) is entry
+    assert qmod.quantize(model, 0) is model
+    assert model.config.quantization_bit == 0
+    assert not any(type(m).__name__ == "QuantizedLinear" for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_every_quantize_method_is_the_same_conversion_and_honours_its_arguments(float_dir):
+    full = _quiet_load(float_dir).quantize(8)
+    core_only = _quiet_load(float_dir)
+    assert core_only.transformer.quantize(8) is core_only.transformer
+    assert core_only.config.quantization_bit == 8
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(core_only(ids).logits, full(ids).logits)
+    # empty_init: allocated, not computed; a load fills them in
+    empty = _quiet_load(float_dir).quantize(8, empty_init=True)
+    assert all(type(m).__name__ == "QuantizedLinear" for m in block_linears(empty).values())
+    empty.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        assert torch.equal(empty(ids).logits, full(ids).logits)
+    # device: where the quantized layers are computed and kept
+    on_meta = _quiet_load(float_dir).quantize(8, device="meta")
+    assert all(m.weight.is_meta and m.weight_scale.is_meta for m in block_linears(on_meta).values())
+
+
+def test_model_pack_unpack_and_the_ways_back_to_the_stored_format(float_dir):
+    model = _quiet_load(float_dir).quantize(4)
+    qmod = quantization_module_of(model)
+    layers = list(block_linears(model).values())
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    ids = _ids()
+    with torch.no_grad():
+        unpacked_logits = model(ids).logits
+    assert qmod.pack(model) is model
+    assert all(m.is_packed and m.backend == "cpu-int4pack" for m in layers)
+    assert [id(p) for p in model.parameters()] == params  # the same Parameter objects throughout
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, unpacked_logits, rtol=1e-4, atol=1e-4)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in stored.items()) and all(m.is_packed for m in layers)
+    for undo in (lambda m: qmod.unpack(m), lambda m: m.train(), lambda m: m.float(), lambda m: m.to("cpu")):
+        qmod.pack(model.eval())
+        undo(model)
+        assert not any(m.is_packed or m.packed_weight is not None for m in layers)
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in stored.items())
+        assert [id(p) for p in model.parameters()] == params
+
+
+_FRESH_PROCESS_CHILD = r"""
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+folder, io_file = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+package = type(model).__module__.rsplit(".", 1)[0]
+lazy = [name for name in ("cpu_kernels", "cuda_kernels") if f"{package}.{name}" not in sys.modules]
+qmod = sys.modules[package + ".quantization"]
+ids = torch.load(io_file)["ids"]
+with torch.no_grad():
+    unpacked = model(ids).logits
+    packed = qmod.pack(model)(ids).logits
+cache = os.path.dirname(sys.modules[type(model).__module__].__file__)
+torch.save({"unpacked": unpacked, "packed": packed, "lazy": lazy, "backend": qmod.quantization_backend(model),
+            "cached": sorted(f for f in os.listdir(cache) if f.endswith(".py")),
+            "cuda_imported": f"{package}.cuda_kernels" in sys.modules}, io_file)
+"""
+
+
+def test_saved_quantized_model_loads_and_runs_in_a_fresh_process(float_dir, tmp_path):
+    """save_pretrained writes every code file (the kernel modules too) and transformers copies them all into its
+    module cache: the folder alone loads in a new process, with a fresh HF_HOME, and gives the same logits."""
+    model = _quiet_load(float_dir).quantize(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    for name in ("quantization.py", "cpu_kernels.py", "cuda_kernels.py"):
+        assert (tmp_path / "saved" / name).read_bytes() == (REPO / name).read_bytes(), name
+    ids = _ids()
+    with torch.no_grad():
+        unpacked = model(ids).logits
+        packed = quantization_module_of(model).pack(model)(ids).logits
+    io_file = tmp_path / "io.pt"
+    torch.save({"ids": ids}, io_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CHILD, str(tmp_path / "saved"), str(io_file)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(io_file)
+    assert {"quantization.py", "cpu_kernels.py", "cuda_kernels.py", "configuration_chatglm.py"} <= set(got["cached"])
+    assert got["lazy"] == ["cpu_kernels", "cuda_kernels"]  # loading imports no kernel module
+    assert not got["cuda_imported"] and got["backend"] == "cpu-int4pack"
+    torch.testing.assert_close(got["unpacked"], unpacked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["packed"], packed, rtol=1e-5, atol=1e-5)

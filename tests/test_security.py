@@ -191,9 +191,9 @@ NETWORK = {"socket", "ssl", "urllib.request", "urllib3", "http.client", "http.se
            "ftplib", "smtplib", "telnetlib", "paramiko", "websocket", "websockets", "xmlrpc.client"}
 
 
-# The one process the remote code may start: the C compiler building quantization.py's CPU kernels (documented in
+# The one process the remote code may start: the C compiler building cpu_kernels.py's CPU kernels (documented in
 # README's SECURITY section), from that one function, with a literal argument list and no shell.
-COMPILER_SPAWN = ("quantization.py", "_compile_cpu_kernels")
+COMPILER_SPAWN = ("cpu_kernels.py", "_compile")
 
 
 def _compiler_spawn_findings(tree):
