@@ -39,6 +39,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .quantization import (
     QuantizedLinear,
     check_quantized_load,
+    pack as pack_quantized_weights,
     quantization_backend,
     quantize,
     set_quantization_backend,
@@ -1249,6 +1250,8 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         max_new = kwargs.get("max_new_tokens")
         if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0):
             raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new!r}.")
+        if self.quantized and not self.training:
+            pack_quantized_weights(self)  # the named conversion to the kernels' layout (see quantization.pack)
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
