@@ -297,14 +297,6 @@ class Linear(nn.Linear):
         return parent() if parent is not None else self.__dict__.copy()
 
 
-def unpack_cpu_weights(module):
-    """Return every prepacked ``Linear`` under ``module`` to its dense weight."""
-    for m in module.modules():
-        if isinstance(m, Linear):
-            m.unpack()
-    return module
-
-
 def _linear(config, in_features, out_features, bias, device=None):
     """A block linear: plain ``nn.Linear``, or an empty ``QuantizedLinear`` when the config says the
     checkpoint is quantized (so a quantized load never materialises full-precision weights)."""
