@@ -158,8 +158,10 @@ def test_generate_cache_on_off_equal(remote_classes, spec, data):
     assert cached.sequences.shape == (ids.shape[0], ids.shape[1] + 4)
     assert all(torch.isfinite(s).all() for s in cached.scores)
     if torch.equal(cached.sequences, uncached.sequences):
+        # The two runs use different SDPA kernels (one query vs a masked prefill); with these large random weights
+        # float32 noise reaches ~7e-5 of the logits' size, so the tolerance has a relative part too.
         for a, b in zip(cached.scores, uncached.scores):
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
     else:
         assert _first_divergence_is_a_near_tie(cached.sequences, uncached.sequences, cached.scores, ids.shape[1])
 
