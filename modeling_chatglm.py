@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from typing import TYPE_CHECKING, List
 
 import torch
@@ -38,6 +39,7 @@ from .quantization import (
     QuantizedLinear,
     check_quantized_load,
     pack as pack_quantized_weights,
+    unpack as unpack_quantized_weights,
     quantization_backend,
     quantize,
     set_quantization_backend,
@@ -244,76 +246,76 @@ def _cpu_prepack_enabled():
     return _CPU_PREPACK
 
 
+_PACK_LOCK = threading.RLock()
+
+
+class PackedWeight(nn.Parameter):
+    """A bf16 weight held in oneDNN's prepacked (blocked) layout for CPU inference: same shape, dtype and number
+    of elements as the dense weight, so ``parameters()``, ``num_parameters()`` and ``get_memory_footprint()`` do
+    not change. Copying or pickling it gives the dense weight."""
+
+    dense_requires_grad = False  # what the dense Parameter had (copies get it back)
+
+    def _dense_copy(self):
+        return nn.Parameter(self.to_dense(), requires_grad=self.dense_requires_grad)
+
+    def __deepcopy__(self, memo):
+        memo[id(self)] = copy = self._dense_copy()
+        return copy
+
+    def __reduce_ex__(self, protocol):
+        return self._dense_copy().__reduce_ex__(protocol)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` that, for bf16 inference on CPU, keeps its weight in oneDNN's prepacked layout.
+    """``nn.Linear`` with an explicit inference layout for bf16 on CPU.
 
-    With a plain ``[out, in]`` bf16 weight, oneDNN re-blocks (copies) the whole weight on every matmul call, so a
-    decode step (one row, memory bound) reads the weights about twice. On the first forward on CPU in bf16 with
-    autograd off (``eval`` + ``no_grad``/``inference_mode``, e.g. ``generate``) the weight is reordered once into
-    the non-persistent buffer ``packed_weight`` and the dense storage is released (the ``weight`` Parameter object
-    stays, empty), so memory does not grow; ``get_memory_footprint`` counts the buffer.
-
-    Nothing outside sees the packed form: reading ``layer.weight`` (PEFT merges, ``get_output_embeddings()``,
-    user code), ``state_dict``/``save_pretrained``, a forward with autograd or another dtype, ``train()``,
-    ``.to()``, ``load_state_dict``, assigning a new weight, pickling/deepcopy and ``quantize()`` all give back the
-    dense weight bit for bit (the next eligible forward packs again). ``CHATGLM_CPU_PREPACK=0`` turns it off.
+    With a plain ``[out, in]`` bf16 weight, oneDNN re-blocks (copies) the whole weight at every matmul, so a decode
+    step (one row, memory bound) reads the weights about twice. :meth:`pack` (``model.pack_weights()``, which
+    ``generate`` calls) replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout
+    (no second copy); :meth:`unpack` puts the original Parameter object back with the dense values. Undone first by
+    ``train()``, ``.to()``/``.float()``/``.cuda()``, ``state_dict()``/``save_pretrained``, ``load_state_dict``,
+    ``quantize()``, and a forward that needs autograd or another dtype. ``CHATGLM_CPU_PREPACK=0`` turns it off.
     """
 
     prepack = True  # False for a layer whose weight may be shared (tied) with another module
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("packed_weight", None, persistent=False)
+    @property
+    def is_packed(self):
+        return isinstance(self._parameters.get("weight"), PackedWeight)
 
-    def __getattr__(self, name):
-        # nn.Module resolves parameters through __getattr__: unpack before anyone outside reads the weight.
-        if name == "weight":
-            self.unpack()
-        return super().__getattr__(name)
-
-    def _dense(self):
-        return self._parameters["weight"]
-
-    def _is_packed(self):
-        if self._buffers.get("packed_weight") is None:
-            return False
-        if self._dense().numel() != 0:  # a weight was put there from outside: it wins
-            self._buffers["packed_weight"] = None
-            return False
-        return True
-
-    def _pack(self):
-        weight = self._dense()
+    def pack(self):
+        """To oneDNN's layout when the layer is bf16 on CPU (no-op otherwise, or when already packed)."""
+        weight = self._parameters["weight"]
+        if (self.is_packed or not self.prepack or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
+                or weight.dim() != 2 or not _cpu_prepack_enabled()):
+            return self
         with torch.inference_mode(False), torch.no_grad():
-            self._buffers["packed_weight"] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            self._dense_weight = (weight,)  # the original Parameter object, emptied; unpack() refills it
             weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        self._parameters["weight"] = PackedWeight(packed, requires_grad=False)
+        self._parameters["weight"].dense_requires_grad = weight.requires_grad
+        return self
 
     def unpack(self):
-        """Bring the dense weight back (no-op when not packed)."""
-        if self._is_packed():
+        """Back to the dense weight in the original Parameter object (no-op when not packed)."""
+        if self.is_packed:
+            (weight,) = self._dense_weight
             with torch.inference_mode(False), torch.no_grad():
-                self._dense().data = self._buffers["packed_weight"].to_dense()
-            self._buffers["packed_weight"] = None
-
-    def _can_pack(self, x):
-        w = self._dense()
-        return (self.prepack and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and w.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
-                and _cpu_prepack_enabled())
+                weight.data = self._parameters["weight"].to_dense()
+            self._parameters["weight"] = weight
+            self._dense_weight = None
+        return self
 
     def forward(self, x):
-        packed = self._is_packed()
-        if packed and not self._can_pack(x):
-            self.unpack()
-            packed = False
-        elif not packed and self._can_pack(x) and self._dense().dim() == 2:
-            self._pack()
-            packed = True
-        if not packed:
-            return F.linear(x, self._dense(), self._parameters["bias"])
-        out = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, x.shape[-1]), self._buffers["packed_weight"], self._parameters["bias"], "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+        if self.is_packed:
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+                out = torch.ops.mkldnn._linear_pointwise(
+                    x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+                return out.view(*x.shape[:-1], out.shape[-1])
+            self.unpack()  # autograd or another dtype needs the dense weight
+        return F.linear(x, self.weight, self.bias)
 
     def train(self, mode=True):
         if mode:
@@ -331,11 +333,6 @@ class Linear(nn.Linear):
     def _apply(self, fn, *args, **kwargs):
         self.unpack()
         return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        self.unpack()  # the packed (opaque) tensor cannot be pickled or deep-copied
-        parent = getattr(super(), "__getstate__", None)
-        return parent() if parent is not None else self.__dict__.copy()
 
 
 def _linear(config, in_features, out_features, bias, device=None):
@@ -627,6 +624,31 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _supports_static_cache = _hf_create_causal_mask is not None  # masks sized for a StaticCache
     _can_compile_fullgraph = _hf_create_causal_mask is not None
     _keys_to_ignore_on_load_missing = [r"rotary_pos_emb\.inv_freq"]
+
+    def pack_weights(self):
+        """The named conversion to inference layouts (``generate`` calls it): quantized layers to their kernel's
+        layout (``quantization.pack``), bf16 CPU linears to oneDNN's (:meth:`Linear.pack`). ``parameters()``,
+        ``num_parameters()`` and ``get_memory_footprint()`` stay the same; ``train()``, ``.to()``,
+        ``state_dict()``, saving and :meth:`unpack_weights` undo it. A layer an adapter wraps (PEFT's
+        ``base_layer``) stays dense, since adapters merge into it."""
+        with _PACK_LOCK:  # stream_chat generates in a worker thread
+            pack_quantized_weights(self)
+            if getattr(self.forward, "_torchdynamo_orig_callable", None) is not None:
+                return self  # forward = torch.compile(forward): the compiler lays the bf16 weights out itself
+            wrapped = [getattr(m, "base_layer", None) for m in self.modules()]
+            for module in self.modules():
+                if isinstance(module, Linear) and not any(module is w for w in wrapped):
+                    module.pack()
+        return self
+
+    def unpack_weights(self):
+        """Every layer back to its dense / stored weights (what :meth:`pack_weights` did, undone)."""
+        with _PACK_LOCK:
+            unpack_quantized_weights(self)
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.unpack()
+        return self
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -1033,7 +1055,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def quantize(self, bits: int, **kwargs):
         """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
-        return quantize(self, bits, **kwargs)
+        return quantize(self.unpack_weights(), bits, **kwargs)
 
 
 class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
@@ -1057,7 +1079,8 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         return _new_cache(self.config)
 
     def get_output_embeddings(self):
-        return self.transformer.output_layer
+        layer = self.transformer.output_layer
+        return layer.unpack() if isinstance(layer, Linear) else layer  # whoever takes it reads its weight
 
     def set_output_embeddings(self, new_embeddings):
         self.transformer.output_layer = new_embeddings
@@ -1149,8 +1172,8 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         max_new = kwargs.get("max_new_tokens")
         if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0):
             raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new!r}.")
-        if self.quantized and not self.training:
-            pack_quantized_weights(self)  # the named conversion to the kernels' layout (see quantization.pack)
+        if not self.training:
+            self.pack_weights()
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -1217,7 +1240,7 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
     def quantize(self, bits: int, **kwargs):
         """Weight-only int8 / int4 quantization in place (``quantize_output_layer=True`` also quantizes
         ``output_layer``): see quantization.quantize."""
-        return quantize(self, bits, **kwargs)
+        return quantize(self.unpack_weights(), bits, **kwargs)
 
 
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
@@ -1293,4 +1316,4 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
 
     def quantize(self, bits: int, **kwargs):
         """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
-        return quantize(self, bits, **kwargs)
+        return quantize(self.unpack_weights(), bits, **kwargs)

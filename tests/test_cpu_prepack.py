@@ -1,7 +1,10 @@
-"""CPU bf16 inference: block linears and the output layer move their weight into oneDNN's prepacked layout on
-the first bf16 forward without autograd. Checked here: same outputs, no second copy of the weights, and every
-way back to the dense weight (state_dict, save/load, training, dtype and device moves, quantization)."""
+"""CPU bf16 inference: ``generate`` (through ``model.pack_weights()``) converts the block linears and the output
+layer to oneDNN's prepacked layout, explicitly. Checked here against a dense copy of the same model: same outputs
+and tokens, the same parameters (names, shapes, counts, memory footprint) before and after, no second copy of the
+weights, and every way back to the dense weights (state_dict, save/load, training, autograd, dtype moves,
+quantization, copies and pickles)."""
 import copy
+import io
 
 import pytest
 import torch
@@ -20,158 +23,143 @@ def _linears(model):
     return [m for m in model.modules() if isinstance(m, mod.Linear)]
 
 
+def _summary(model):
+    return [(n, tuple(p.shape), p.dtype, p.numel()) for n, p in model.named_parameters()]
+
+
 @pytest.fixture()
 def bf16_pair(tmp_path):
     folder = make_model_dir(tmp_path, hidden_size=128, ffn_hidden_size=256, kv_channels=32)
     model = load_model(folder).to(torch.bfloat16)
     ref = copy.deepcopy(model)
-    mod = _modeling(model)
-    if not mod._cpu_prepack_enabled():
+    if not _modeling(model)._cpu_prepack_enabled():
         pytest.skip("no oneDNN bf16 prepacking on this machine/torch")
     return folder, model, ref
 
 
-def _dense_forward(model, ids):
-    mod = _modeling(model)
-    old = mod._CPU_PREPACK
-    mod._CPU_PREPACK = False
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids).logits.float()
-    finally:
-        mod._CPU_PREPACK = old
+def _packed(model):
+    return [m.is_packed for m in _linears(model)]
 
 
-def test_prepacked_matches_dense_and_frees_dense_weight(bf16_pair):
+def test_generate_packs_explicitly_and_parameters_stay_the_same(bf16_pair):
     _, model, ref = bf16_pair
     ids = torch.randint(3, 128, (2, 9))
-    expected = _dense_forward(ref, ids)
-    before = sum(p.numel() for p in model.parameters())
+    summary, count, footprint = _summary(model), model.num_parameters(), model.get_memory_footprint()
     with torch.inference_mode():
-        got = model(input_ids=ids).logits.float()
-    layers = _linears(model)
-    assert layers and all(m._is_packed() for m in layers)
-    assert all(m._parameters["weight"].numel() == 0 for m in layers)  # no second copy
-    assert sum(p.numel() for p in model.parameters()) < before
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    # generate works and gives the dense model's greedy tokens
+        expected = ref(input_ids=ids).logits.float()
+        model(input_ids=ids)
+    assert not any(_packed(model))  # a forward changes nothing
     with torch.inference_mode():
         out = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert _packed(model) and all(_packed(model))
+    assert _summary(model) == summary and model.num_parameters() == count
+    assert model.get_memory_footprint() == footprint
+    assert all(m._dense_weight[0].numel() == 0 for m in _linears(model))  # no second copy
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     mod = _modeling(ref)
-    mod._CPU_PREPACK = False
+    old, mod._CPU_PREPACK = mod._CPU_PREPACK, False
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             out_ref = ref.generate(ids[:1], max_new_tokens=6, do_sample=False)
     finally:
-        mod._CPU_PREPACK = None
+        mod._CPU_PREPACK = old
     assert out.tolist() == out_ref.tolist()
-    # state_dict gives the dense weights back bit for bit
+
+
+def _assert_same_weights(model, ref):
     sd, sd_ref = model.state_dict(), ref.state_dict()
     assert sd.keys() == sd_ref.keys()
     for k in sd:
         assert torch.equal(sd[k], sd_ref[k]), k
-    # Reading .weight from outside (PEFT merges, get_output_embeddings, user code) gives the dense weight back.
-    with torch.inference_mode():
-        model(input_ids=ids)
-    assert all(m._is_packed() for m in layers)
-    for packed, dense in zip(layers, _linears(ref)):
-        assert torch.equal(packed.weight, dense.weight)
-    assert not any(m._is_packed() for m in layers)
 
 
 def test_ways_back_to_dense(bf16_pair, tmp_path):
     _, model, ref = bf16_pair
     ids = torch.randint(3, 128, (1, 5))
     params_before = {n: id(p) for n, p in model.named_parameters()}
-    with torch.no_grad():
-        model(input_ids=ids)
-    # save / load round trip while packed
+    model.pack_weights()
+    _assert_same_weights(model, ref)  # state_dict unpacks, bit for bit
+    assert not any(_packed(model)) and {n: id(p) for n, p in model.named_parameters()} == params_before
+    model.pack_weights()
     model.save_pretrained(tmp_path / "saved")
-    again = load_model(tmp_path / "saved", dtype=torch.bfloat16) if _has_dtype_kw() else load_model(
-        tmp_path / "saved", torch_dtype=torch.bfloat16)
-    for (k, a), b in zip(again.state_dict().items(), ref.state_dict().values()):
-        assert torch.equal(a, b), k
-    # training mode restores the dense weights in the same Parameter objects (optimizers keep working)
+    again = load_model(tmp_path / "saved").to(torch.bfloat16)
+    _assert_same_weights(again, ref)
+    # training restores the dense weights in the same Parameter objects (optimizers keep working)
+    model.pack_weights()
     model.train()
-    assert not any(m._is_packed() for m in _linears(model))
-    assert {n: id(p) for n, p in model.named_parameters()} == params_before
-    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
-        assert torch.equal(a, b), k
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert model.transformer.output_layer.weight.grad is not None
+    assert not any(_packed(model)) and {n: id(p) for n, p in model.named_parameters()} == params_before
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval().pack_weights()
+    out = model(input_ids=ids, labels=ids)  # autograd on: dense again, gradients flow
+    out.loss.backward()
+    assert not any(_packed(model)) and model.transformer.output_layer.weight.grad is not None
     model.zero_grad()
-    # grad-enabled forward in eval mode: dense path
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert all(m._is_packed() for m in _linears(model))
-    out = model(input_ids=ids).logits  # grad enabled -> unpacks
-    assert out.requires_grad and not any(m._is_packed() for m in _linears(model))
-    # dtype moves
-    with torch.no_grad():
-        model(input_ids=ids)
+    model.pack_weights()
     model.float()
+    assert not any(_packed(model))
     assert all(m.weight.dtype == torch.float32 and m.weight.numel() for m in _linears(model))
-    with torch.no_grad():
-        model(input_ids=ids)  # fp32: never packed
-    assert not any(m._is_packed() for m in _linears(model))
+    model.pack_weights()  # fp32: nothing to pack
+    assert not any(_packed(model))
+    model.to(torch.bfloat16).pack_weights().unpack_weights()
+    assert not any(_packed(model))
 
 
 def test_load_state_dict_and_assignment_replace_packed(bf16_pair):
     _, model, ref = bf16_pair
     ids = torch.randint(3, 128, (1, 5))
-    with torch.no_grad():
-        model(input_ids=ids)
+    model.pack_weights()
     sd = {k: torch.zeros_like(v) if k.endswith("output_layer.weight") else v for k, v in ref.state_dict().items()}
     model.load_state_dict(sd)
     with torch.no_grad():
         assert model(input_ids=ids).logits.abs().max() == 0
+    model.pack_weights()
+    model.transformer.output_layer.weight = torch.nn.Parameter(ref.transformer.output_layer.weight.clone())
     with torch.no_grad():
-        model.transformer.output_layer.weight = torch.nn.Parameter(ref.transformer.output_layer.weight.clone())
-        torch.testing.assert_close(model(input_ids=ids).logits.float(), _dense_forward(ref, ids), rtol=2e-2,
-                                   atol=2e-2)
+        torch.testing.assert_close(model(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float(),
+                                   rtol=2e-2, atol=2e-2)
 
 
-def test_quantize_after_packed_inference(bf16_pair):
+def test_quantize_and_output_embeddings_after_packing(bf16_pair):
     _, model, ref = bf16_pair
-    ids = torch.randint(3, 128, (1, 5))
-    with torch.no_grad():
-        model(input_ids=ids)
-    try:
-        model.quantize(8)
-        ref.quantize(8)
-    except NotImplementedError:
-        pytest.skip("quantization not available")
-    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
-        assert torch.equal(a, b), k
+    model.pack_weights()
+    assert torch.equal(model.get_output_embeddings().weight, ref.get_output_embeddings().weight)
+    model.quantize(8)
+    ref.quantize(8)
+    _assert_same_weights(model, ref)
 
 
 def test_opt_out(bf16_pair, monkeypatch):
     _, model, _ = bf16_pair
-    mod = _modeling(model)
-    monkeypatch.setattr(mod, "_CPU_PREPACK", False)
-    with torch.no_grad():
-        model(input_ids=torch.randint(3, 128, (1, 5)))
-    assert not any(m._is_packed() for m in _linears(model))
+    monkeypatch.setattr(_modeling(model), "_CPU_PREPACK", False)
+    model.pack_weights()
+    assert not any(_packed(model))
 
 
-def _has_dtype_kw():
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
-
-
-def test_deepcopy_pickle_and_footprint(bf16_pair):
-    import io
-
+def test_deepcopy_and_pickle_of_a_packed_model(bf16_pair):
     _, model, ref = bf16_pair
-    footprint = model.get_memory_footprint()
-    with torch.no_grad():
-        model(input_ids=torch.randint(3, 128, (1, 5)))
-    assert model.get_memory_footprint() == footprint  # the packed buffers replace the dense weights
+    model.pack_weights()
     clone = copy.deepcopy(model)
     buf = io.BytesIO()
     torch.save(model, buf)
-    for (k, a), b in zip(clone.state_dict().items(), ref.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert all(_packed(model))  # copying does not change the original
+    _assert_same_weights(clone, ref)
+    buf.seek(0)
+    _assert_same_weights(torch.load(buf, weights_only=False), ref)
+
+
+def test_adapter_wrapped_layers_stay_dense(bf16_pair):
+    peft = pytest.importorskip("peft")
+    _, model, ref = bf16_pair
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query_key_value"], lora_dropout=0.0))
+    with torch.inference_mode():
+        lora.generate(input_ids=torch.randint(3, 128, (1, 5)), max_new_tokens=2, do_sample=False)
+    packed = {n: m.is_packed for n, m in model.named_modules() if isinstance(m, _modeling(model).Linear)}
+    assert not any(v for n, v in packed.items() if "query_key_value" in n)
+    assert any(v for n, v in packed.items() if "dense_h_to_4h" in n)
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        before = lora(input_ids=ids).logits.float()
+        merged = lora.merge_and_unload()  # merges into the dense base layers
+        torch.testing.assert_close(merged(input_ids=ids).logits.float(), before, rtol=2e-2, atol=2e-2)
