@@ -882,6 +882,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq:
                 raise ValueError(f"a 4-D attention_mask must be [batch, 1, {seq}, keys], got "
                                  f"{tuple(attention_mask.shape)}")
+            if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
+                raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or additive float, got dtype "
+                                 f"{attention_mask.dtype}")
         elif attention_mask is not None:
             # A cache counting on the device (static) has a tensor length: only the batch size is checked then.
             lengths = (seq, past_len + seq) if isinstance(past_len, int) else (attention_mask.shape[1],)

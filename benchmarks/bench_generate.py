@@ -481,9 +481,10 @@ def bench(args):
             gc.collect()
         generate_kwargs = {}
         if args.compile and not args.native_only:
-            # this package with a static cache and ``forward`` compiled with fullgraph=True (the first rounds compile)
-            label = "ours-static-compiled"
-            compiled = load_ours(folders[0], dtype, device)
+            # the last --code-dir with a static cache and ``forward`` compiled with fullgraph=True (the warm-up
+            # round compiles)
+            label = f"{labels[-1]}-static-compiled"
+            compiled = load_ours(folders[-1], dtype, device)
             compiled.forward = torch.compile(compiled.forward, fullgraph=True)
             variants.append((label, compiled, dname))
             generate_kwargs[label] = {"cache_implementation": "static"}
