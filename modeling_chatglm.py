@@ -633,6 +633,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         for module in model.modules():
             if isinstance(module, ChatGLMModel):
                 module.freeze_for_prefix_tuning()
+        _finish_tensor_parallel(model)
         return (model, info) if want_info else model
 
     @staticmethod
@@ -651,6 +652,13 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 f"the checkpoint's output_layer is quantized (it has {head_scales[0]}), but "
                 f"config.quantize_output_layer is false: its int8 weight would be used as a float weight. Set "
                 f"quantize_output_layer to true in config.json.")
+
+    def _tensor_parallel_state_dict(self):
+        """The state dict with the cut fused projections gathered back to the published layout (all ranks)."""
+        state_dict = self.state_dict()
+        for name, module in self.named_modules():
+            gather_fused_qkv(module, f"{name}." if name else "", state_dict)
+        return state_dict
 
     @classmethod
     def _loads_quantized(cls, args, kwargs):
@@ -672,7 +680,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         # Weight files of an older checkpoint in the folder would be loaded instead of (or mixed with) the new
         # ones: move them aside, and delete them once the new save succeeded (put them back if it failed).
         stale_dir = None
-        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+        writer = kwargs.get("is_main_process", True) and _distributed_rank() == 0  # one writer per save
+        if writer and os.path.isdir(save_directory):
             old = [n for n in os.listdir(save_directory)
                    if _WEIGHT_FILE_RE.fullmatch(n) and os.path.isfile(os.path.join(save_directory, n))]
             if old:
@@ -680,6 +689,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 for name in old:
                     os.replace(os.path.join(save_directory, name), os.path.join(stale_dir, name))
         try:
+            if kwargs.get("state_dict") is None and any(
+                    getattr(m, "_chatglm_tp", None) is not None for m in self.modules()):
+                kwargs["state_dict"] = self._tensor_parallel_state_dict()
             result = super().save_pretrained(save_directory, *args, **kwargs)
         except BaseException:
             if stale_dir is not None:
@@ -690,6 +702,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             raise
         if stale_dir is not None:
             shutil.rmtree(stale_dir, ignore_errors=True)
+        if not writer:
+            return result
         # The code files: from this module's folder, else (tokenizer code, never imported by the model) from
         # the folder the model was loaded from.
         here = os.path.dirname(os.path.abspath(__file__))
@@ -1387,3 +1401,154 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     def quantize(self, bits: int, **kwargs):
         """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
         return quantize(self, bits, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor parallelism: this package's styles for the fused query_key_value (config.base_model_tp_plan)
+# ---------------------------------------------------------------------------------------------------------------------
+def _distributed_rank():
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def check_tensor_parallel(config, tp_size):
+    """``ValueError`` unless a model with ``config`` can be split over ``tp_size`` tensor-parallel ranks."""
+    if tp_size <= 1:
+        return
+    if config.quantization_bit:
+        raise ValueError(
+            f"tensor parallelism does not support quantized ChatGLM models (quantization_bit="
+            f"{config.quantization_bit}): load the float checkpoint with tp_plan, or the quantized one in one process")
+    groups, heads = config.num_key_value_heads, config.num_attention_heads
+    for what, count in (("key/value groups (multi_query_group_num)", groups), ("attention heads", heads),
+                        ("MLP features (ffn_hidden_size)", config.ffn_hidden_size)):
+        if count % tp_size:
+            raise ValueError(
+                f"tensor parallelism over {tp_size} ranks: the {count} {what} do not divide by {tp_size} (each rank "
+                f"holds whole key/value groups with their query heads); use a degree that divides {groups}")
+    if config.add_bias_linear:
+        raise ValueError("tensor parallelism does not support add_bias_linear=true (the fused gate/up bias)")
+    if config.pre_seq_len is not None:
+        raise ValueError("tensor parallelism does not support p-tuning prefixes (pre_seq_len)")
+
+
+def _qkv_local_rows(config, rank, tp_size):
+    """Rows of the fused ``[q | k | v]`` projection that rank ``rank`` keeps: its query heads, then its key and its
+    value groups (query head ``h`` attends with group ``h // (heads / groups)``, so these belong together)."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    lq, lkv = q // tp_size, kv // tp_size
+    return ((rank * lq, (rank + 1) * lq), (q + rank * lkv, q + (rank + 1) * lkv),
+            (q + kv + rank * lkv, q + kv + (rank + 1) * lkv))
+
+
+def _setup_tensor_parallel_attention(attention, rank, tp_size, group):
+    """Give a ``SelfAttention`` its local split sizes and tell its ``query_key_value`` which rows to keep."""
+    check_tensor_parallel(attention.config, tp_size)
+    attention.q_size = attention.config.num_attention_heads * attention.head_dim // tp_size
+    attention.kv_size = attention.config.num_key_value_heads * attention.head_dim // tp_size
+    qkv = attention.query_key_value
+    full_rows = (attention.config.num_attention_heads + 2 * attention.config.num_key_value_heads) * attention.head_dim
+    qkv._chatglm_tp = dict(rows=_qkv_local_rows(attention.config, rank, tp_size), tp_size=tp_size, group=group,
+                           full_rows=full_rows)
+    qkv.prepack = False
+
+
+def shard_fused_qkv(linear):
+    """Cut a loaded, whole ``query_key_value`` down to this rank's rows (no-op when already cut or not yet loaded).
+    DTensor placements cannot express a split into unequal parts, so the parameter becomes a plain local tensor."""
+    tp = getattr(linear, "_chatglm_tp", None)
+    if tp is None:
+        return
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            param = linear._parameters.get(name)
+            if param is None or param.is_meta or param.shape[0] != tp["full_rows"]:
+                continue
+            local = torch.cat([param[a:b] for a, b in tp["rows"]]).contiguous()
+            linear._parameters[name] = nn.Parameter(local, requires_grad=param.requires_grad)
+
+
+def gather_fused_qkv(linear, prefix, state_dict):
+    """Replace a cut ``query_key_value``'s entries in ``state_dict`` with the whole tensors in the published layout
+    (every rank must call this: it all-gathers)."""
+    import torch.distributed as dist
+
+    tp = getattr(linear, "_chatglm_tp", None)
+    if tp is None:
+        return
+    for name in ("weight", "bias"):
+        param = linear._parameters.get(name)
+        if param is None or param.shape[0] == tp["full_rows"]:
+            continue
+        local = param.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(tp["tp_size"])]
+        dist.all_gather(parts, local, group=tp["group"])
+        sizes = [b - a for a, b in tp["rows"]]
+        pieces = [part.split(sizes) for part in parts]  # per rank: (q_r, k_r, v_r)
+        state_dict[prefix + name] = torch.cat([p[i] for i in range(3) for p in pieces]).cpu()
+
+
+def _finish_tensor_parallel(model):
+    """After a tensor-parallel load: cut the fused projections, and keep the bf16 CPU prepacking off (the library
+    swaps sharded weights in and out around each forward)."""
+    cut = False
+    for module in model.modules():
+        if getattr(module, "_chatglm_tp", None) is not None:
+            shard_fused_qkv(module)
+            cut = True
+    if cut:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.prepack = False
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; the gradient summed over the tensor-parallel group (a replicated input feeding a
+    column-parallel projection gets a partial gradient on each rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+try:  # transformers >= 5.2x: DTensor tensor parallelism with a registry of named styles
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES as _TP_STYLES
+    from transformers.distributed.tensor_parallel import TensorParallelLayer as _TPLayer
+except ImportError:
+    _TP_STYLES = _TPLayer = None
+
+if _TPLayer is not None and torch.distributed.is_available():
+    class ChatGLMAttentionParallel(_TPLayer):
+        """``SelfAttention``: checks the degree, sets the local head split; its children carry the collectives."""
+
+        def install_forward(self, module, mesh):
+            _setup_tensor_parallel_attention(module, mesh.get_local_rank(), mesh.size(), mesh.get_group())
+            return module
+
+    class ChatGLMQKVColwise(_TPLayer):
+        """``query_key_value``: loaded whole, then cut to this rank's ``[q_r | k_r | v_r]`` rows (``from_pretrained``
+        calls ``shard_fused_qkv`` once the weights are in). Input replicated, output local."""
+
+        def install_forward(self, module, mesh):
+            forward = module.forward
+
+            def tp_forward(x, *args, **kwargs):
+                shard_fused_qkv(module)
+                if torch.is_grad_enabled() and x.requires_grad:
+                    x = _AllReduceGrad.apply(x, module._chatglm_tp["group"])
+                return forward(x, *args, **kwargs)
+
+            module.forward = tp_forward
+            return module
+
+    _TP_STYLES.register("chatglm_attention", ChatGLMAttentionParallel())
+    _TP_STYLES.register("chatglm_qkv_colwise", ChatGLMQKVColwise())

@@ -1,0 +1,129 @@
+"""Run under ``torchrun --nproc_per_node 2`` (CPU, gloo) by tests/test_distributed.py; writes one JSON per rank.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py tp|fsdp MODEL_DIR OUT_DIR
+
+Every check compares the distributed model with the same checkpoint loaded in one process (no parallelism)."""
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _ids():
+    return torch.tensor([[5, 9, 17, 33, 64, 100, 7, 3, 11, 42], [0, 0, 0, 21, 8, 90, 13, 55, 6, 77]]), \
+        torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
+
+
+def _qkv_rows(config, rank, world):
+    """This rank's rows of [q | k | v]: query heads rank*h/w.., then key and value groups rank*g/w.. """
+    d, h, g = config.kv_channels, config.num_attention_heads, config.multi_query_group_num
+    q = torch.arange(h * d).view(h, d)[rank * h // world:(rank + 1) * h // world].flatten()
+    k = h * d + torch.arange(g * d).view(g, d)[rank * g // world:(rank + 1) * g // world].flatten()
+    return torch.cat([q, k, k + g * d])
+
+
+def _grad_diff(model, ref, rank, world):
+    want_grads = {n: p.grad for n, p in ref.named_parameters()}
+    worst = 0.0
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        want = want_grads[name]
+        if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+            want = want[_qkv_rows(ref.config, rank, world)]
+        worst = max(worst, (grad - want).abs().max().item())
+    return worst
+
+
+def run_tp(folder, out):
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, tp_plan="auto",
+                                                 dtype=torch.float32).eval()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    ids, mask = _ids()
+    res = {"rank": rank, "world": world}
+    with torch.no_grad():
+        res["logits_max_diff"] = (model(ids, attention_mask=mask).logits - ref(ids, attention_mask=mask).logits
+                                  ).abs().max().item()
+    gen = dict(max_new_tokens=12, do_sample=False, attention_mask=mask, pad_token_id=0)
+    tokens = model.generate(ids, **gen)
+    res["greedy_equal"] = torch.equal(tokens, ref.generate(ids, **gen))
+    res["greedy_nocache_equal"] = torch.equal(tokens, model.generate(ids, use_cache=False, **gen))
+    res["new_tokens"] = tokens.shape[1] - ids.shape[1]
+
+    def block_numel(m):
+        return sum(_local(p).numel() for n, p in m.named_parameters() if ".encoder.layers." in f".{n}")
+
+    res["block_fraction"] = block_numel(model) / block_numel(ref)
+    qkv = model.transformer.encoder.layers[0].self_attention.query_key_value.weight
+    res["qkv_local_rows"] = list(_local(qkv).shape)
+
+    # one training step's loss and gradients (DTensor paths) against the single-process model
+    model.train()
+    ref.train()
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    ref_loss = ref(ids, attention_mask=mask, labels=labels).loss
+    ref_loss.backward()
+    res["loss_diff"] = abs(loss.item() - ref_loss.item())
+    res["grad_max_diff"] = _grad_diff(model, ref, rank, world)
+
+    save = os.path.join(out, "tp_saved")
+    model.save_pretrained(save)
+    dist.barrier()
+    if rank == 0:
+        again = AutoModelForCausalLM.from_pretrained(save, trust_remote_code=True, dtype=torch.float32)
+        got, want = again.state_dict(), ref.state_dict()
+        res["saved_keys_equal"] = sorted(got) == sorted(want)
+        res["saved_max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want if k in got)
+    dist.barrier()
+    return res
+
+
+def run_errors(folder, out):
+    """FOLDER holds sub-folders; each must be refused with a ValueError under tensor parallelism."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    res = {}
+    for name in sorted(os.listdir(folder)):
+        try:
+            AutoModelForCausalLM.from_pretrained(os.path.join(folder, name), trust_remote_code=True, tp_plan="auto",
+                                                 dtype=torch.float32)
+            res[name] = "loaded"
+        except ValueError as exc:
+            res[name] = f"ValueError: {exc}"
+        except Exception as exc:  # reported, the test fails on it
+            res[name] = f"{type(exc).__name__}: {exc}"
+    res["rank"] = dist.get_rank()
+    return res
+
+
+def main():
+    mode, folder, out = sys.argv[1:4]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    res = {"tp": run_tp, "errors": run_errors}[mode](folder, out)
+    with open(os.path.join(out, f"{mode}-rank{res['rank']}.json"), "w") as f:
+        json.dump(res, f)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

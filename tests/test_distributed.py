@@ -1,0 +1,116 @@
+"""Tensor parallelism and FSDP2 on 2 local CPU processes (gloo), launched with ``python -m torch.distributed.run``.
+
+Each launch runs tests/distributed_worker.py on a tiny random checkpoint and compares the distributed model with
+the same checkpoint loaded in one process; the launches are bounded in time (no hang can stall the suite)."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_model, make_model_dir
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+LAUNCH_TIMEOUT = 120  # seconds per torchrun launch (a tiny model takes ~10 s)
+
+
+def _has(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _gloo():
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+needs_gloo = pytest.mark.skipif(not _gloo(), reason="torch.distributed with the gloo backend is not available")
+# transformers >= 5.2x: DTensor tensor parallelism with registered styles (transformers.distributed.tensor_parallel)
+needs_tp = pytest.mark.skipif(
+    not _has("transformers.distributed.tensor_parallel"),
+    reason="this transformers has no DTensor tensor parallelism with registrable styles (transformers.distributed)")
+
+
+def launch(mode, folder, out):
+    Path(out).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), mode, str(folder), str(out)]
+    # Own process group: on a timeout the launcher and both workers are ended together.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {mode} did not finish in {LAUNCH_TIMEOUT} s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"torchrun {mode} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    results = [json.loads((Path(out) / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    folder = make_model_dir(tmp_path_factory.mktemp("tp-model"))
+    return launch("tp", folder, tmp_path_factory.mktemp("tp-out"))
+
+
+@needs_gloo
+@needs_tp
+def test_tp_logits_match_single_process(tp_results):
+    for res in tp_results:
+        assert res["world"] == 2
+        assert res["logits_max_diff"] <= 1e-5, res
+
+
+@needs_gloo
+@needs_tp
+def test_tp_greedy_tokens_and_cache(tp_results):
+    for res in tp_results:
+        assert res["new_tokens"] == 12
+        assert res["greedy_equal"], res  # identical to the single-process model
+        assert res["greedy_nocache_equal"], res  # the cache path equals recomputing everything
+
+
+@needs_gloo
+@needs_tp
+def test_tp_each_rank_holds_half_the_blocks(tp_results):
+    from conftest import TINY_CONFIG as cfg
+
+    head_dim = cfg["kv_channels"]
+    fused = (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * head_dim
+    for res in tp_results:
+        assert 0.45 <= res["block_fraction"] <= 0.55, res  # layer norms stay replicated
+        assert res["qkv_local_rows"] == [fused // 2, cfg["hidden_size"]]
+
+
+@needs_gloo
+@needs_tp
+def test_tp_training_step_and_save(tp_results):
+    for res in tp_results:
+        assert res["loss_diff"] <= 1e-5, res
+        assert res["grad_max_diff"] <= 1e-5, res
+    saved = tp_results[0]
+    assert saved["saved_keys_equal"] and saved["saved_max_diff"] == 0.0, saved  # published keys and layout
+
+
+@needs_gloo
+@needs_tp
+def test_tp_refuses_what_it_cannot_split(tmp_path):
+    cases = tmp_path / "cases"
+    make_model_dir(cases / "one_group", multi_query_group_num=1)  # 1 key/value group over 2 ranks
+    quantized = make_model_dir(cases / "quantized")
+    model = load_model(quantized)
+    model.quantize(8)
+    model.save_pretrained(quantized)
+    for res in launch("errors", cases, tmp_path / "out"):
+        assert res["one_group"].startswith("ValueError") and "key/value groups" in res["one_group"], res
+        assert res["quantized"].startswith("ValueError") and "quantized" in res["quantized"], res
