@@ -114,10 +114,72 @@ def run_errors(folder, out):
     return res
 
 
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard_blocks(model):
+    """FSDP2 applied directly: each GLMBlock, then the whole model (embedding, final norm, output layer)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.encoder.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def run_fsdp(folder, out):
+    """One SGD step of FSDP2 (each rank one row of the batch) against the single-process step on the whole batch,
+    then a sharded (torch.distributed.checkpoint) save loaded into a fresh sharded model."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().train()
+
+    ref, model = load(), _shard_blocks(load())
+    ids = torch.tensor([[5, 9, 17, 33, 64, 100, 7, 3, 11, 42], [21, 8, 90, 13, 55, 6, 77, 4, 19, 60]])
+    res = {"rank": rank, "world": world}
+    local_numel = sum(p.to_local().numel() for p in model.parameters())
+    res["param_fraction"] = local_numel / sum(p.numel() for p in ref.parameters())
+
+    ref_loss = ref(ids, labels=ids).loss  # mean over all tokens = mean of the two rows' means (equal lengths)
+    ref_loss.backward()
+    mine = ids[rank:rank + 1]
+    loss = model(mine, labels=mine).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    res["loss_diff"] = abs(total.item() / world - ref_loss.item())
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    res["grad_max_diff"] = max((_full(p.grad) - want[n]).abs().max().item() for n, p in model.named_parameters())
+
+    for m in (ref, model):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    stepped = {n: p.detach() for n, p in ref.named_parameters()}
+    res["step_max_diff"] = max((_full(p) - stepped[n]).abs().max().item() for n, p in model.named_parameters())
+
+    ckpt = os.path.join(out, "fsdp_dcp")
+    dcp.save({"model": model.state_dict()}, checkpoint_id=ckpt)  # each rank writes its own shards
+    fresh = _shard_blocks(load())
+    state = {"model": fresh.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    fresh.load_state_dict(state["model"])
+    saved = {n: _full(p) for n, p in model.named_parameters()}
+    res["reload_max_diff"] = max((_full(p) - saved[n]).abs().max().item() for n, p in fresh.named_parameters())
+    res["shard_files"] = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
+    dist.barrier()
+    return res
+
+
 def main():
     mode, folder, out = sys.argv[1:4]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    res = {"tp": run_tp, "errors": run_errors}[mode](folder, out)
+    res = {"tp": run_tp, "errors": run_errors, "fsdp": run_fsdp}[mode](folder, out)
     with open(os.path.join(out, f"{mode}-rank{res['rank']}.json"), "w") as f:
         json.dump(res, f)
     import torch.distributed as dist

@@ -114,3 +114,39 @@ def test_tp_refuses_what_it_cannot_split(tmp_path):
     for res in launch("errors", cases, tmp_path / "out"):
         assert res["one_group"].startswith("ValueError") and "key/value groups" in res["one_group"], res
         assert res["quantized"].startswith("ValueError") and "quantized" in res["quantized"], res
+
+
+def _has_fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        import torch.distributed.checkpoint  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_fsdp2 = pytest.mark.skipif(not _has_fully_shard(), reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    folder = make_model_dir(tmp_path_factory.mktemp("fsdp-model"))
+    return launch("fsdp", folder, tmp_path_factory.mktemp("fsdp-out"))
+
+
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_training_step_matches_single_process(fsdp_results):
+    for res in fsdp_results:
+        assert res["param_fraction"] == pytest.approx(0.5, abs=0.02), res  # every parameter sharded over 2 ranks
+        assert res["loss_diff"] <= 1e-5, res
+        assert res["grad_max_diff"] <= 1e-5, res
+        assert res["step_max_diff"] <= 1e-5, res
+
+
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_sharded_save_reloads(fsdp_results):
+    for res in fsdp_results:
+        assert res["shard_files"] == ["__0_0.distcp", "__1_0.distcp"], res  # one file per rank
+        assert res["reload_max_diff"] == 0.0, res
