@@ -31,6 +31,14 @@ class ChatGLMConfig(PretrainedConfig):
         "encoder.layers.*.mlp.dense_4h_to_h": "rowwise",
         "output_layer": "colwise_gather_output",
     }
+    # FSDP2 through transformers 5.x (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))``):
+    # one unit per GLMBlock (freed after use), the embedding, and the final norm and output layer kept gathered.
+    base_model_fsdp_plan = {
+        "embedding": "free_full_weight",
+        "encoder.layers.*": "free_full_weight",
+        "encoder.final_layernorm": "keep_full_weight",
+        "output_layer": "keep_full_weight",
+    }
 
     def __init__(
         self,

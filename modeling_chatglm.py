@@ -15,6 +15,7 @@ import ast
 import copy
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -688,6 +689,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 stale_dir = tempfile.mkdtemp(prefix=".stale-weights-", dir=save_directory)
                 for name in old:
                     os.replace(os.path.join(save_directory, name), os.path.join(stale_dir, name))
+        existing = set(os.listdir(save_directory)) if writer and os.path.isdir(save_directory) else set()
         try:
             if kwargs.get("state_dict") is None and any(
                     getattr(m, "_chatglm_tp", None) is not None for m in self.modules()):
@@ -715,7 +717,31 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             dst = os.path.join(save_directory, name)
             if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
                 shutil.copyfile(src, dst)
+        self._repair_wrapped_class_save(save_directory, existing)
         return result
+
+    def _repair_wrapped_class_save(self, save_directory, existing):
+        """FSDP2's ``fully_shard`` gives the model a subclass defined in torch; the library then writes that
+        class into ``auto_map`` and copies torch's FSDP files next to ours. Point ``auto_map`` back at our class
+        and remove the copied files, so the folder loads as it should."""
+        own = next(c for c in type(self).__mro__ if c.__module__ == ChatGLMPreTrainedModel.__module__)
+        if own is type(self):
+            return
+        wrapped = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        path = os.path.join(save_directory, "config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        auto_map = config.get("auto_map") or {}
+        if wrapped not in auto_map.values():
+            return
+        config["auto_map"] = {k: (f"{own.__module__.rsplit('.', 1)[-1]}.{own.__name__}" if v == wrapped else v)
+                              for k, v in auto_map.items()}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        for name in set(os.listdir(save_directory)) - existing:
+            if name.endswith(".py") and name not in REMOTE_CODE_FILES:
+                os.remove(os.path.join(save_directory, name))
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):

@@ -1,6 +1,9 @@
 """Run under ``torchrun --nproc_per_node 2`` (CPU, gloo) by tests/test_distributed.py; writes one JSON per rank.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py tp|fsdp MODEL_DIR OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR MODE=FOLDER...
+
+MODE: tp (tensor parallelism), errors (FOLDER of checkpoints TP must refuse), fsdp (fully_shard applied directly),
+fsdp_hf (transformers' DistributedConfig(fsdp_size=2)).
 
 Every check compares the distributed model with the same checkpoint loaded in one process (no parallelism)."""
 import json
@@ -135,7 +138,8 @@ def run_fsdp(folder, out):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
     def load():
@@ -176,16 +180,61 @@ def run_fsdp(folder, out):
     return res
 
 
+def run_fsdp_hf(folder, out):
+    """transformers' own FSDP2 (DistributedConfig(fsdp_size=2), the config's base_model_fsdp_plan): one step as in
+    run_fsdp, then save_pretrained (gathered on rank 0) loaded in one process."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                 distributed_config=DistributedConfig(fsdp_size=2)).train()
+    ref = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).train()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    res = {"rank": rank, "world": world}
+    res["sharded_blocks"] = sum(isinstance(b, FSDPModule) for b in model.transformer.encoder.layers)
+    res["param_fraction"] = (sum(p.to_local().numel() for p in model.parameters())
+                             / sum(p.numel() for p in ref.parameters()))
+    ids = torch.tensor([[5, 9, 17, 33, 64, 100, 7, 3, 11, 42], [21, 8, 90, 13, 55, 6, 77, 4, 19, 60]])
+    ref_loss = ref(ids, labels=ids).loss
+    ref_loss.backward()
+    mine = ids[rank:rank + 1]
+    loss = model(mine, labels=mine).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    res["loss_diff"] = abs(total.item() / world - ref_loss.item())
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    res["grad_max_diff"] = max((_full(p.grad) - want[n]).abs().max().item() for n, p in model.named_parameters())
+    for m in (ref, model):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    saved = {n: _full(p).detach() for n, p in model.named_parameters()}
+    save = os.path.join(out, "fsdp_saved")
+    model.save_pretrained(save)
+    dist.barrier()
+    if rank == 0:
+        again = AutoModelForCausalLM.from_pretrained(save, trust_remote_code=True, dtype=torch.float32)
+        got = again.state_dict()
+        res["saved_keys_equal"] = sorted(got) == sorted(ref.state_dict())
+        res["saved_max_diff"] = max((got[n] - saved[n]).abs().max().item() for n in saved)
+    dist.barrier()
+    return res
+
+
 def main():
-    mode, folder, out = sys.argv[1:4]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    res = {"tp": run_tp, "errors": run_errors, "fsdp": run_fsdp}[mode](folder, out)
-    with open(os.path.join(out, f"{mode}-rank{res['rank']}.json"), "w") as f:
-        json.dump(res, f)
+    out, jobs = sys.argv[1], sys.argv[2:]
+    for job in jobs:  # MODE=FOLDER, run in order in the same processes
+        mode, folder = job.split("=", 1)
+        res = MODES[mode](folder, out)
+        with open(os.path.join(out, f"{mode}-rank{res['rank']}.json"), "w") as f:
+            json.dump(res, f)
     import torch.distributed as dist
 
     dist.destroy_process_group()
 
+
+MODES = {"tp": run_tp, "errors": run_errors, "fsdp": run_fsdp, "fsdp_hf": run_fsdp_hf}
 
 if __name__ == "__main__":
     main()

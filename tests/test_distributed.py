@@ -37,12 +37,13 @@ needs_tp = pytest.mark.skipif(
     reason="this transformers has no DTensor tensor parallelism with registrable styles (transformers.distributed)")
 
 
-def launch(mode, folder, out):
+def launch(out, **jobs):
+    """Run the worker's ``jobs`` (mode -> folder) in one 2-process launch; -> {mode: [rank 0 result, rank 1 result]}."""
     Path(out).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), mode, str(folder), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(out)] + [f"{mode}={folder}" for mode, folder in jobs.items()]
     # Own process group: on a timeout the launcher and both workers are ended together.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -51,16 +52,69 @@ def launch(mode, folder, out):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun {mode} did not finish in {LAUNCH_TIMEOUT} s:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, f"torchrun {mode} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
-    results = [json.loads((Path(out) / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
-    return results
+        pytest.fail(f"torchrun {sorted(jobs)} did not finish in {LAUNCH_TIMEOUT} s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"torchrun {sorted(jobs)} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return {mode: [json.loads((Path(out) / f"{mode}-rank{r}.json").read_text()) for r in range(2)] for mode in jobs}
+
+
+def _has_fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        import torch.distributed.checkpoint  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _has_hf_fsdp():
+    try:
+        import inspect
+
+        from transformers.distributed import DistributedConfig
+        return "fsdp_size" in inspect.signature(DistributedConfig).parameters
+    except ImportError:
+        return False
+
+
+needs_fsdp2 = pytest.mark.skipif(not _has_fully_shard(),
+                                 reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+needs_hf_fsdp = pytest.mark.skipif(not _has_hf_fsdp(), reason="this transformers has no FSDP2 in from_pretrained "
+                                                              "(DistributedConfig(fsdp_size=...))")
 
 
 @pytest.fixture(scope="module")
-def tp_results(tmp_path_factory):
-    folder = make_model_dir(tmp_path_factory.mktemp("tp-model"))
-    return launch("tp", folder, tmp_path_factory.mktemp("tp-out"))
+def results(tmp_path_factory):
+    """One launch for every check this version supports (each launch costs ~10 s of process start and loading)."""
+    if not _gloo():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    root = tmp_path_factory.mktemp("distributed")
+    model = make_model_dir(root / "model")
+    jobs = {}
+    if _has("transformers.distributed.tensor_parallel"):
+        cases = root / "refused"
+        make_model_dir(cases / "one_group", multi_query_group_num=1)  # 1 key/value group over 2 ranks
+        quantized = make_model_dir(cases / "quantized")
+        tiny = load_model(quantized)
+        tiny.quantize(8)
+        tiny.save_pretrained(quantized)
+        jobs.update(tp=model, errors=cases)
+    if _has_fully_shard():
+        jobs["fsdp"] = model
+        if _has_hf_fsdp():
+            jobs["fsdp_hf"] = model
+    if not jobs:
+        pytest.skip("neither tensor parallelism nor FSDP2 is available here")
+    return launch(root / "out", **jobs)
+
+
+@pytest.fixture(scope="module")
+def tp_results(results):
+    return results["tp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(results):
+    return results["fsdp"]
 
 
 @needs_gloo
@@ -104,34 +158,10 @@ def test_tp_training_step_and_save(tp_results):
 
 @needs_gloo
 @needs_tp
-def test_tp_refuses_what_it_cannot_split(tmp_path):
-    cases = tmp_path / "cases"
-    make_model_dir(cases / "one_group", multi_query_group_num=1)  # 1 key/value group over 2 ranks
-    quantized = make_model_dir(cases / "quantized")
-    model = load_model(quantized)
-    model.quantize(8)
-    model.save_pretrained(quantized)
-    for res in launch("errors", cases, tmp_path / "out"):
+def test_tp_refuses_what_it_cannot_split(results):
+    for res in results["errors"]:
         assert res["one_group"].startswith("ValueError") and "key/value groups" in res["one_group"], res
         assert res["quantized"].startswith("ValueError") and "quantized" in res["quantized"], res
-
-
-def _has_fully_shard():
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-        import torch.distributed.checkpoint  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_fsdp2 = pytest.mark.skipif(not _has_fully_shard(), reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-
-
-@pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
-    folder = make_model_dir(tmp_path_factory.mktemp("fsdp-model"))
-    return launch("fsdp", folder, tmp_path_factory.mktemp("fsdp-out"))
 
 
 @needs_gloo
@@ -150,3 +180,16 @@ def test_fsdp2_sharded_save_reloads(fsdp_results):
     for res in fsdp_results:
         assert res["shard_files"] == ["__0_0.distcp", "__1_0.distcp"], res  # one file per rank
         assert res["reload_max_diff"] == 0.0, res
+
+
+@needs_gloo
+@needs_fsdp2
+@needs_hf_fsdp
+def test_transformers_fsdp2_plan_step_and_save(results):
+    """from_pretrained(distributed_config=DistributedConfig(fsdp_size=2)) with the config's base_model_fsdp_plan."""
+    for res in results["fsdp_hf"]:
+        assert res["sharded_blocks"] == 2, res  # every GLMBlock its own FSDP unit
+        assert res["param_fraction"] == pytest.approx(0.5, abs=0.02), res
+        assert res["loss_diff"] <= 1e-5 and res["grad_max_diff"] <= 1e-5, res
+    saved = results["fsdp_hf"][0]  # save_pretrained gathers on rank 0; the folder loads in one process
+    assert saved["saved_keys_equal"] and saved["saved_max_diff"] == 0.0, saved
