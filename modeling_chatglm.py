@@ -658,7 +658,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         """The state dict with the cut fused projections gathered back to the published layout (all ranks)."""
         state_dict = self.state_dict()
         for name, module in self.named_modules():
-            gather_fused_qkv(module, f"{name}." if name else "", state_dict)
+            prefix = f"{name}." if name else ""
+            gather_fused_qkv(module, prefix, state_dict)
+            if isinstance(module, MLP):
+                gather_packed_gate_up(module.dense_h_to_4h, prefix + "dense_h_to_4h.", state_dict)
         return state_dict
 
     @classmethod
@@ -1514,6 +1517,19 @@ def gather_fused_qkv(linear, prefix, state_dict):
         state_dict[prefix + name] = torch.cat([p[i] for i in range(3) for p in pieces]).cpu()
 
 
+def gather_packed_gate_up(linear, prefix, state_dict):
+    """transformers 4.5x marks its packed (gate | up) shards as plain contiguous shards, so their ``full_tensor``
+    is ``[gate_0 | up_0 | gate_1 | up_1 ...]``: put the published ``[gate | up]`` in ``state_dict`` instead (5.x
+    records the packing, ``_StridedShard``, and gathers it right)."""
+    weight = linear._parameters.get("weight")
+    placements = getattr(weight, "placements", None)
+    if not placements or type(placements[0]).__name__ != "Shard":
+        return
+    full = weight.full_tensor()
+    tp = weight.device_mesh.size()
+    state_dict[prefix + "weight"] = full.view(tp, 2, -1, full.shape[-1]).transpose(0, 1).reshape(full.shape).cpu()
+
+
 def _finish_tensor_parallel(model):
     """After a tensor-parallel load: cut the fused projections, and keep the bf16 CPU prepacking off (the library
     swaps sharded weights in and out around each forward)."""
@@ -1578,3 +1594,66 @@ if _TPLayer is not None and torch.distributed.is_available():
 
     _TP_STYLES.register("chatglm_attention", ChatGLMAttentionParallel())
     _TP_STYLES.register("chatglm_qkv_colwise", ChatGLMQKVColwise())
+elif torch.distributed.is_available():
+    try:  # transformers 4.5x: hook-based tensor parallelism; styles slice each checkpoint tensor (partition_tensor)
+        from transformers.integrations import tensor_parallel as _tp457
+        _TP457_STYLES = _tp457.ALL_PARALLEL_STYLES
+        _TP457_STYLES.__class__._global_mapping["colwise"]  # noqa: B018  (styles exist: torch >= 2.5)
+    except (ImportError, AttributeError, KeyError):
+        _tp457 = None
+
+    if _tp457 is not None:
+        class ChatGLMAttentionParallel(_tp457.TensorParallelLayer):
+            """``SelfAttention``: checks the degree, sets the local head split (no hooks of its own)."""
+
+            def partition_tensor(self, param, *args, **kwargs):  # it has no parameters of its own
+                raise NotImplementedError
+
+            def prepare_module_tp(self, module, device_mesh):
+                _setup_tensor_parallel_attention(module, device_mesh.get_local_rank(), device_mesh.size(),
+                                                 device_mesh.get_group())
+
+        class ChatGLMQKVColwise(_tp457.TensorParallelLayer):
+            """``query_key_value``: loaded whole (a plain tensor), cut to this rank's rows after loading; the
+            replicated input's gradient is summed over the ranks."""
+
+            def partition_tensor(self, param, empty_param, param_type, param_casting_dtype, to_contiguous, rank,
+                                 device_mesh):
+                return nn.Parameter(param[...].to(param_casting_dtype).contiguous(),
+                                    requires_grad=empty_param.is_floating_point())
+
+            def prepare_module_tp(self, module, device_mesh):
+                def pre_hook(mod, inputs):
+                    shard_fused_qkv(mod)
+                    x = inputs[0]
+                    if torch.is_grad_enabled() and x.requires_grad:
+                        return (_AllReduceGrad.apply(x, mod._chatglm_tp["group"]),) + tuple(inputs[1:])
+                    return None
+
+                module.register_forward_pre_hook(pre_hook)
+
+        class _PackedColwise457(_tp457.ColwiseParallel):
+            """A linear's fused ``[gate | up]`` output rows: each rank a slice of both halves (this version's own
+            packed style slices the last-but-one dimension of 3-d expert weights)."""
+
+            def partition_tensor(self, param, empty_param, param_type, param_casting_dtype, to_contiguous, rank,
+                                 device_mesh):
+                half, tp = empty_param.shape[0] // 2, device_mesh.size()
+                rows = [(h * half + rank * half // tp, h * half + (rank + 1) * half // tp) for h in range(2)]
+                local = torch.cat([param[a:b] for a, b in rows]).to(param_casting_dtype).contiguous()
+                placement = _tp457.Shard(0 if param_type != "bias" else -1)
+                local = _tp457.DTensor.from_local(local, device_mesh, [placement], run_check=False,
+                                                  shape=empty_param.size(), stride=empty_param.stride())
+                return nn.Parameter(local, requires_grad=local.is_floating_point())
+
+        _TP457_STYLES.register("chatglm_attention", ChatGLMAttentionParallel())
+        _TP457_STYLES.register("chatglm_qkv_colwise", ChatGLMQKVColwise())
+        # 4.5x matches plan keys after turning every digit run into "*" (dense_h_to_4h -> dense_h_to_*h).
+        ChatGLMConfig.base_model_tp_plan = {
+            re.sub(r"\d+", "*", key): style for key, style in ChatGLMConfig.base_model_tp_plan.items()}
+        # The 5.x names the plan uses, with this version's implementations (only where this version lacks them).
+        for _name, _style in (("embedding_rowwise", _tp457.RowwiseParallel(input_layouts=_tp457.Replicate())),
+                              ("packed_colwise", _PackedColwise457()),
+                              ("colwise_gather_output", _tp457.ColwiseParallel(output_layouts=_tp457.Replicate()))):
+            if _name not in _TP457_STYLES:
+                _TP457_STYLES.register(_name, _style)

@@ -41,8 +41,12 @@ def _grad_diff(model, ref, rank, world):
         grad = param.grad
         if grad is None:
             continue
-        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         want = want_grads[name]
+        if name.endswith("dense_h_to_4h.weight"):  # [gate | up]: this rank's slice of each half
+            half = ref.config.ffn_hidden_size
+            rows = torch.arange(2 * half).view(2, world, half // world)[:, rank].flatten()
+            grad, want = _local(grad), want[rows]
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
             want = want[_qkv_rows(ref.config, rank, world)]
         worst = max(worst, (grad - want).abs().max().item())

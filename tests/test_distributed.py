@@ -32,9 +32,21 @@ def _gloo():
 
 needs_gloo = pytest.mark.skipif(not _gloo(), reason="torch.distributed with the gloo backend is not available")
 # transformers >= 5.2x: DTensor tensor parallelism with registered styles (transformers.distributed.tensor_parallel)
-needs_tp = pytest.mark.skipif(
-    not _has("transformers.distributed.tensor_parallel"),
-    reason="this transformers has no DTensor tensor parallelism with registrable styles (transformers.distributed)")
+def _has_tp():
+    """transformers 5.x (transformers.distributed: DTensor styles) or 4.5x (integrations.tensor_parallel: styles
+    that slice each checkpoint tensor, torch >= 2.5); both take styles registered by name."""
+    if _has("transformers.distributed.tensor_parallel"):
+        return True
+    try:
+        from transformers.integrations import tensor_parallel
+    except ImportError:
+        return False
+    return hasattr(tensor_parallel.TensorParallelLayer, "partition_tensor") and "colwise" in dict(
+        tensor_parallel.ParallelInterface._global_mapping)
+
+
+needs_tp = pytest.mark.skipif(not _has_tp(), reason="this transformers has no tensor parallelism with registrable "
+                                                    "styles (tp_plan)")
 
 
 def launch(out, **jobs):
@@ -90,7 +102,7 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     model = make_model_dir(root / "model")
     jobs = {}
-    if _has("transformers.distributed.tensor_parallel"):
+    if _has_tp():
         cases = root / "refused"
         make_model_dir(cases / "one_group", multi_query_group_num=1)  # 1 key/value group over 2 ranks
         quantized = make_model_dir(cases / "quantized")
