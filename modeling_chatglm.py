@@ -596,6 +596,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
           ``ValueError`` naming them (``allow_missing_weights=True`` opts out);
         - p-tuning v2 freezing is re-applied (transformers 5 re-creates loaded parameters as trainable).
         """
+        if any(kwargs.get(k) is not None for k in ("tp_plan", "tp_size", "distributed_config", "device_mesh")):
+            register_tensor_parallel_styles()
         want_info = kwargs.pop("output_loading_info", False)
         allow_missing = kwargs.pop("allow_missing_weights", False)
         user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
@@ -1562,21 +1564,26 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad, None
 
 
-try:  # transformers >= 5.2x: DTensor tensor parallelism with a registry of named styles
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES as _TP_STYLES
-    from transformers.distributed.tensor_parallel import TensorParallelLayer as _TPLayer
-except ImportError:
-    _TP_STYLES = _TPLayer = None
+@functools.lru_cache(maxsize=None)
+def register_tensor_parallel_styles():
+    """Register this package's tensor-parallel styles with transformers' style registry, once. ``from_pretrained``
+    calls it when a load asks for parallelism, so importing the model code leaves the library's registry alone.
+    Returns whether this transformers has such a registry (5.x; 4.5x with torch >= 2.5)."""
+    if not torch.distributed.is_available():
+        return False
+    try:  # transformers 5.x: DTensor tensor parallelism
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
+    except ImportError:
+        return _register_tensor_parallel_styles_457()
 
-if _TPLayer is not None and torch.distributed.is_available():
-    class ChatGLMAttentionParallel(_TPLayer):
+    class ChatGLMAttentionParallel(TensorParallelLayer):
         """``SelfAttention``: checks the degree, sets the local head split; its children carry the collectives."""
 
         def install_forward(self, module, mesh):
             _setup_tensor_parallel_attention(module, mesh.get_local_rank(), mesh.size(), mesh.get_group())
             return module
 
-    class ChatGLMQKVColwise(_TPLayer):
+    class ChatGLMQKVColwise(TensorParallelLayer):
         """``query_key_value``: loaded whole, then cut to this rank's ``[q_r | k_r | v_r]`` rows (``from_pretrained``
         calls ``shard_fused_qkv`` once the weights are in). Input replicated, output local."""
 
@@ -1592,68 +1599,73 @@ if _TPLayer is not None and torch.distributed.is_available():
             module.forward = tp_forward
             return module
 
-    _TP_STYLES.register("chatglm_attention", ChatGLMAttentionParallel())
-    _TP_STYLES.register("chatglm_qkv_colwise", ChatGLMQKVColwise())
-elif torch.distributed.is_available():
-    try:  # transformers 4.5x: hook-based tensor parallelism; styles slice each checkpoint tensor (partition_tensor)
-        from transformers.integrations import tensor_parallel as _tp457
-        _TP457_STYLES = _tp457.ALL_PARALLEL_STYLES
-        _TP457_STYLES.__class__._global_mapping["colwise"]  # noqa: B018  (styles exist: torch >= 2.5)
-    except (ImportError, AttributeError, KeyError):
-        _tp457 = None
+    ALL_PARALLEL_STYLES.register("chatglm_attention", ChatGLMAttentionParallel())
+    ALL_PARALLEL_STYLES.register("chatglm_qkv_colwise", ChatGLMQKVColwise())
+    return True
 
-    if _tp457 is not None:
-        class ChatGLMAttentionParallel(_tp457.TensorParallelLayer):
-            """``SelfAttention``: checks the degree, sets the local head split (no hooks of its own)."""
 
-            def partition_tensor(self, param, *args, **kwargs):  # it has no parameters of its own
-                raise NotImplementedError
+def _register_tensor_parallel_styles_457():
+    """transformers 4.5x: hook-based tensor parallelism whose styles slice each checkpoint tensor
+    (``partition_tensor``)."""
+    try:
+        from transformers.integrations import tensor_parallel as tp457
+    except ImportError:
+        return False
+    styles = tp457.ALL_PARALLEL_STYLES
+    if not hasattr(tp457.TensorParallelLayer, "partition_tensor") or "colwise" not in dict(styles._global_mapping):
+        return False  # torch < 2.5: the library registers no styles
 
-            def prepare_module_tp(self, module, device_mesh):
-                _setup_tensor_parallel_attention(module, device_mesh.get_local_rank(), device_mesh.size(),
-                                                 device_mesh.get_group())
+    class ChatGLMAttentionParallel(tp457.TensorParallelLayer):
+        """``SelfAttention``: checks the degree, sets the local head split (no hooks of its own)."""
 
-        class ChatGLMQKVColwise(_tp457.TensorParallelLayer):
-            """``query_key_value``: loaded whole (a plain tensor), cut to this rank's rows after loading; the
-            replicated input's gradient is summed over the ranks."""
+        def partition_tensor(self, param, *args, **kwargs):  # it has no parameters of its own
+            raise NotImplementedError
 
-            def partition_tensor(self, param, empty_param, param_type, param_casting_dtype, to_contiguous, rank,
-                                 device_mesh):
-                return nn.Parameter(param[...].to(param_casting_dtype).contiguous(),
-                                    requires_grad=empty_param.is_floating_point())
+        def prepare_module_tp(self, module, device_mesh):
+            _setup_tensor_parallel_attention(module, device_mesh.get_local_rank(), device_mesh.size(),
+                                             device_mesh.get_group())
 
-            def prepare_module_tp(self, module, device_mesh):
-                def pre_hook(mod, inputs):
-                    shard_fused_qkv(mod)
-                    x = inputs[0]
-                    if torch.is_grad_enabled() and x.requires_grad:
-                        return (_AllReduceGrad.apply(x, mod._chatglm_tp["group"]),) + tuple(inputs[1:])
-                    return None
+    class ChatGLMQKVColwise(tp457.TensorParallelLayer):
+        """``query_key_value``: loaded whole (a plain tensor), cut to this rank's rows after loading; the replicated
+        input's gradient is summed over the ranks."""
 
-                module.register_forward_pre_hook(pre_hook)
+        def partition_tensor(self, param, empty_param, param_type, param_casting_dtype, to_contiguous, rank,
+                             device_mesh):
+            return nn.Parameter(param[...].to(param_casting_dtype).contiguous(),
+                                requires_grad=empty_param.is_floating_point())
 
-        class _PackedColwise457(_tp457.ColwiseParallel):
-            """A linear's fused ``[gate | up]`` output rows: each rank a slice of both halves (this version's own
-            packed style slices the last-but-one dimension of 3-d expert weights)."""
+        def prepare_module_tp(self, module, device_mesh):
+            def pre_hook(mod, inputs):
+                shard_fused_qkv(mod)
+                x = inputs[0]
+                if torch.is_grad_enabled() and x.requires_grad:
+                    return (_AllReduceGrad.apply(x, mod._chatglm_tp["group"]),) + tuple(inputs[1:])
+                return None
 
-            def partition_tensor(self, param, empty_param, param_type, param_casting_dtype, to_contiguous, rank,
-                                 device_mesh):
-                half, tp = empty_param.shape[0] // 2, device_mesh.size()
-                rows = [(h * half + rank * half // tp, h * half + (rank + 1) * half // tp) for h in range(2)]
-                local = torch.cat([param[a:b] for a, b in rows]).to(param_casting_dtype).contiguous()
-                placement = _tp457.Shard(0 if param_type != "bias" else -1)
-                local = _tp457.DTensor.from_local(local, device_mesh, [placement], run_check=False,
-                                                  shape=empty_param.size(), stride=empty_param.stride())
-                return nn.Parameter(local, requires_grad=local.is_floating_point())
+            module.register_forward_pre_hook(pre_hook)
 
-        _TP457_STYLES.register("chatglm_attention", ChatGLMAttentionParallel())
-        _TP457_STYLES.register("chatglm_qkv_colwise", ChatGLMQKVColwise())
-        # 4.5x matches plan keys after turning every digit run into "*" (dense_h_to_4h -> dense_h_to_*h).
-        ChatGLMConfig.base_model_tp_plan = {
-            re.sub(r"\d+", "*", key): style for key, style in ChatGLMConfig.base_model_tp_plan.items()}
-        # The 5.x names the plan uses, with this version's implementations (only where this version lacks them).
-        for _name, _style in (("embedding_rowwise", _tp457.RowwiseParallel(input_layouts=_tp457.Replicate())),
-                              ("packed_colwise", _PackedColwise457()),
-                              ("colwise_gather_output", _tp457.ColwiseParallel(output_layouts=_tp457.Replicate()))):
-            if _name not in _TP457_STYLES:
-                _TP457_STYLES.register(_name, _style)
+    class PackedColwise(tp457.ColwiseParallel):
+        """A linear's fused ``[gate | up]`` output rows: each rank a slice of both halves (this version's own packed
+        style slices the last-but-one dimension, for 3-d expert weights)."""
+
+        def partition_tensor(self, param, empty_param, param_type, param_casting_dtype, to_contiguous, rank,
+                             device_mesh):
+            half, tp = empty_param.shape[0] // 2, device_mesh.size()
+            rows = [(h * half + rank * half // tp, h * half + (rank + 1) * half // tp) for h in range(2)]
+            local = torch.cat([param[a:b] for a, b in rows]).to(param_casting_dtype).contiguous()
+            local = tp457.DTensor.from_local(local, device_mesh, [tp457.Shard(0 if param_type != "bias" else -1)],
+                                             run_check=False, shape=empty_param.size(), stride=empty_param.stride())
+            return nn.Parameter(local, requires_grad=local.is_floating_point())
+
+    styles.register("chatglm_attention", ChatGLMAttentionParallel())
+    styles.register("chatglm_qkv_colwise", ChatGLMQKVColwise())
+    # The 5.x names the plan uses, with this version's implementations (only where this version lacks them).
+    for name, style in (("embedding_rowwise", tp457.RowwiseParallel(input_layouts=tp457.Replicate())),
+                        ("packed_colwise", PackedColwise()),
+                        ("colwise_gather_output", tp457.ColwiseParallel(output_layouts=tp457.Replicate()))):
+        if name not in dict(styles._global_mapping):
+            styles.register(name, style)
+    # 4.5x matches plan keys after turning every digit run into "*" (dense_h_to_4h -> dense_h_to_*h).
+    ChatGLMConfig.base_model_tp_plan = {
+        re.sub(r"\d+", "*", key): style for key, style in ChatGLMConfig.base_model_tp_plan.items()}
+    return True

@@ -66,6 +66,20 @@ def run_tp(folder, out):
     with torch.no_grad():
         res["logits_max_diff"] = (model(ids, attention_mask=mask).logits - ref(ids, attention_mask=mask).logits
                                   ).abs().max().item()
+    try:  # transformers 5.x: the non-deprecated spelling
+        import inspect
+
+        from transformers.distributed import DistributedConfig
+        has_tp_size = "tp_size" in inspect.signature(DistributedConfig).parameters
+    except ImportError:
+        has_tp_size = False
+    if has_tp_size:
+        other = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                     distributed_config=DistributedConfig(tp_size=2)).eval()
+        with torch.no_grad():
+            res["distributed_config_logits_diff"] = (other(ids, attention_mask=mask).logits
+                                                     - ref(ids, attention_mask=mask).logits).abs().max().item()
+        del other
     gen = dict(max_new_tokens=12, do_sample=False, attention_mask=mask, pad_token_id=0)
     tokens = model.generate(ids, **gen)
     res["greedy_equal"] = torch.equal(tokens, ref.generate(ids, **gen))

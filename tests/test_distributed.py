@@ -135,6 +135,8 @@ def test_tp_logits_match_single_process(tp_results):
     for res in tp_results:
         assert res["world"] == 2
         assert res["logits_max_diff"] <= 1e-5, res
+        if "distributed_config_logits_diff" in res:  # 5.x: distributed_config=DistributedConfig(tp_size=2)
+            assert res["distributed_config_logits_diff"] <= 1e-5, res
 
 
 @needs_gloo
