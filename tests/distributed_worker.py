@@ -194,6 +194,17 @@ def run_fsdp(folder, out):
     saved = {n: _full(p) for n, p in model.named_parameters()}
     res["reload_max_diff"] = max((_full(p) - saved[n]).abs().max().item() for n, p in fresh.named_parameters())
     res["shard_files"] = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
+
+    # a checkpoint folder from the sharded model: torch gathers the full state dict, rank 0 saves it
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    folder_out = os.path.join(out, "fsdp_full")
+    if rank == 0:
+        model.save_pretrained(folder_out, state_dict=full)
+        again = AutoModelForCausalLM.from_pretrained(folder_out, trust_remote_code=True).state_dict()
+        res["full_save_keys_equal"] = sorted(again) == sorted(ref.state_dict())
+        res["full_save_max_diff"] = max((again[n] - saved[n]).abs().max().item() for n in saved)
     dist.barrier()
     return res
 
