@@ -210,3 +210,23 @@ def test_transformers_fsdp2_plan_step_and_save(results):
         assert res["loss_diff"] <= 1e-5 and res["grad_max_diff"] <= 1e-5, res
     saved = results["fsdp_hf"][0]  # save_pretrained gathers on rank 0; the folder loads in one process
     assert saved["saved_keys_equal"] and saved["saved_max_diff"] == 0.0, saved
+
+
+def test_tp_degree_checks(tiny_model):
+    """The checks every tensor-parallel load runs first (no processes needed): whole key/value groups per rank."""
+    import copy
+
+    check = sys.modules[type(tiny_model).__module__].check_tensor_parallel
+    config = tiny_model.config  # 4 heads, 2 key/value groups, ffn 96
+    check(config, 1)
+    check(config, 2)
+    with pytest.raises(ValueError, match="key/value groups"):
+        check(config, 4)
+    with pytest.raises(ValueError, match="key/value groups"):
+        check(config, 3)
+    for field, value, words in (("add_bias_linear", True, "add_bias_linear"), ("pre_seq_len", 4, "prefixes"),
+                                ("quantization_bit", 4, "quantized")):
+        changed = copy.deepcopy(config)
+        setattr(changed, field, value)
+        with pytest.raises(ValueError, match=words):
+            check(changed, 2)
