@@ -17,6 +17,28 @@ class ChatGLMConfig(PretrainedConfig):
     # the published config.json the original ones.
     attribute_map = {"num_hidden_layers": "num_layers", "vocab_size": "padded_vocab_size"}
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism (``from_pretrained(..., tp_plan="auto")`` under torchrun): the library's styles where the
+    # layout is standard, and two of this package's (registered by modeling_chatglm.py) for the fused
+    # ``query_key_value`` ([q | k | v], unequal parts): each rank keeps whole key/value groups with their query heads
+    # and the attention module splits the projection with the local sizes. Embedding and output layer as
+    # transformers shards Glm (vocabulary-parallel lookup, column-parallel head with gathered logits).
+    base_model_tp_plan = {
+        "embedding.word_embeddings": "embedding_rowwise",
+        "encoder.layers.*.self_attention": "chatglm_attention",
+        "encoder.layers.*.self_attention.query_key_value": "chatglm_qkv_colwise",
+        "encoder.layers.*.self_attention.dense": "rowwise",
+        "encoder.layers.*.mlp.dense_h_to_4h": "packed_colwise",  # [gate | up]: each rank a slice of both halves
+        "encoder.layers.*.mlp.dense_4h_to_h": "rowwise",
+        "output_layer": "colwise_gather_output",
+    }
+    # FSDP2 through transformers 5.x (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))``):
+    # one unit per GLMBlock (freed after use), the embedding, and the final norm and output layer kept gathered.
+    base_model_fsdp_plan = {
+        "embedding": "free_full_weight",
+        "encoder.layers.*": "free_full_weight",
+        "encoder.final_layernorm": "keep_full_weight",
+        "output_layer": "keep_full_weight",
+    }
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ Everything that differs between transformers versions lives in the "compatibilit
 import dataclasses
 import functools
 import inspect
+import json
 import math
 import os
 import re
@@ -35,6 +36,14 @@ from transformers.utils import logging
 
 from .chat import STOP_ROLES, ChatMixin, InvalidScoreLogitsProcessor, parse_tool_call  # noqa: F401 (public names)
 from .configuration_chatglm import ChatGLMConfig
+from .parallel import (  # noqa: F401 (check_tensor_parallel: public)
+    _distributed_rank,
+    _finish_tensor_parallel,
+    check_tensor_parallel,
+    gather_fused_qkv,
+    gather_packed_gate_up,
+    register_tensor_parallel_styles,
+)
 from .quantization import (
     QuantizedLinear,
     check_quantized_load,
@@ -604,8 +613,8 @@ _WEIGHT_FILE_RE = re.compile(
     r"\.index\.json")
 # Weights a checkpoint may lack: the rotary buffer (recomputed), new p-tuning prefixes, a fresh classification head.
 _MISSING_OK_RE = re.compile(r"(?:^|\.)(?:rotary_pos_emb\.inv_freq|prefix_encoder\..+|classifier_head\..+)$")
-REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py", "cpu_kernels.py",
-                     "cuda_kernels.py", "tokenization_chatglm.py")
+REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "parallel.py", "quantization.py",
+                     "cpu_kernels.py", "cuda_kernels.py", "tokenization_chatglm.py")
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -681,6 +690,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
           ``ValueError`` naming them (``allow_missing_weights=True`` opts out);
         - p-tuning v2 freezing is re-applied (transformers 5 re-creates loaded parameters as trainable).
         """
+        if any(kwargs.get(k) is not None for k in ("tp_plan", "tp_size", "distributed_config", "device_mesh")):
+            register_tensor_parallel_styles()
         want_info = kwargs.pop("output_loading_info", False)
         allow_missing = kwargs.pop("allow_missing_weights", False)
         user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
@@ -719,6 +730,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         for module in model.modules():
             if isinstance(module, ChatGLMModel):
                 module.freeze_for_prefix_tuning()
+        _finish_tensor_parallel(model)
         return (model, info) if want_info else model
 
     @staticmethod
@@ -737,6 +749,16 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 f"the checkpoint's output_layer is quantized (it has {head_scales[0]}), but "
                 f"config.quantize_output_layer is false: its int8 weight would be used as a float weight. Set "
                 f"quantize_output_layer to true in config.json.")
+
+    def _tensor_parallel_state_dict(self):
+        """The state dict with the cut fused projections gathered back to the published layout (all ranks)."""
+        state_dict = self.state_dict()
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            gather_fused_qkv(module, prefix, state_dict)
+            if isinstance(module, MLP):
+                gather_packed_gate_up(module.dense_h_to_4h, prefix + "dense_h_to_4h.", state_dict)
+        return state_dict
 
     @classmethod
     def _loads_quantized(cls, args, kwargs):
@@ -758,14 +780,19 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         # Weight files of an older checkpoint in the folder would be loaded instead of (or mixed with) the new
         # ones: move them aside, and delete them once the new save succeeded (put them back if it failed).
         stale_dir = None
-        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+        writer = kwargs.get("is_main_process", True) and _distributed_rank() == 0  # one writer per save
+        if writer and os.path.isdir(save_directory):
             old = [n for n in os.listdir(save_directory)
                    if _WEIGHT_FILE_RE.fullmatch(n) and os.path.isfile(os.path.join(save_directory, n))]
             if old:
                 stale_dir = tempfile.mkdtemp(prefix=".stale-weights-", dir=save_directory)
                 for name in old:
                     os.replace(os.path.join(save_directory, name), os.path.join(stale_dir, name))
+        existing = set(os.listdir(save_directory)) if writer and os.path.isdir(save_directory) else set()
         try:
+            if kwargs.get("state_dict") is None and any(
+                    getattr(m, "_chatglm_tp", None) is not None for m in self.modules()):
+                kwargs["state_dict"] = self._tensor_parallel_state_dict()
             result = super().save_pretrained(save_directory, *args, **kwargs)
         except BaseException:
             if stale_dir is not None:
@@ -776,6 +803,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             raise
         if stale_dir is not None:
             shutil.rmtree(stale_dir, ignore_errors=True)
+        if not writer:
+            return result
         # The code files: from this module's folder, else (tokenizer code, never imported by the model) from
         # the folder the model was loaded from.
         here = os.path.dirname(os.path.abspath(__file__))
@@ -787,7 +816,31 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             dst = os.path.join(save_directory, name)
             if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
                 shutil.copyfile(src, dst)
+        self._repair_wrapped_class_save(save_directory, existing)
         return result
+
+    def _repair_wrapped_class_save(self, save_directory, existing):
+        """FSDP2's ``fully_shard`` gives the model a subclass defined in torch; the library then writes that
+        class into ``auto_map`` and copies torch's FSDP files next to ours. Point ``auto_map`` back at our class
+        and remove the copied files, so the folder loads as it should."""
+        own = next(c for c in type(self).__mro__ if c.__module__ == ChatGLMPreTrainedModel.__module__)
+        if own is type(self):
+            return
+        wrapped = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        path = os.path.join(save_directory, "config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        auto_map = config.get("auto_map") or {}
+        if wrapped not in auto_map.values():
+            return
+        config["auto_map"] = {k: (f"{own.__module__.rsplit('.', 1)[-1]}.{own.__name__}" if v == wrapped else v)
+                              for k, v in auto_map.items()}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        for name in set(os.listdir(save_directory)) - existing:
+            if name.endswith(".py") and name not in REMOTE_CODE_FILES:
+                os.remove(os.path.join(save_directory, name))
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
