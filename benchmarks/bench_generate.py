@@ -52,7 +52,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "parallel.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
+CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
               "tokenization_chatglm.py"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WIDTH = dict(hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv_channels=128,

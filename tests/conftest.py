@@ -12,8 +12,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = Path(os.environ.get("CHATGLM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "parallel.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
-              "tokenization_chatglm.py"]
+CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py", "quantization.py",
+              "cpu_kernels.py", "cuda_kernels.py", "tokenization_chatglm.py"]
 
 try:
     from hypothesis import settings
