@@ -352,10 +352,10 @@ _NATIVE_CAN_BATCH = []  # whether transformers' GlmForCausalLM batches continuou
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_continuous_batching_gives_each_prompt_its_greedy_tokens(tiny_dir, impl):
-    model = load_model(tiny_dir, attn_implementation=impl)
-    if not hasattr(model, "generate_batch"):
+def test_continuous_batching_gives_each_prompt_its_greedy_tokens(tiny_model, tiny_dir, impl):
+    if not hasattr(tiny_model, "generate_batch"):
         pytest.skip("this transformers has no continuous batching (generate_batch)")
+    model = load_model(tiny_dir, attn_implementation=impl)
     from transformers import GenerationConfig
 
     prompts = [[5, 6, 7, 8, 9], [3, 4, 5], [10, 11, 12, 13, 14, 15, 16], [99]]
@@ -392,7 +392,7 @@ def test_continuous_batching_gives_each_prompt_its_greedy_tokens(tiny_dir, impl)
     assert all(len(v) for v in got.values())
 
 
-@pytest.mark.parametrize("mode", ["assisted", "prompt_lookup"])
+@pytest.mark.parametrize("mode", [pytest.param("assisted", marks=needs_cache), "prompt_lookup"])
 def test_candidate_decoding_gives_the_greedy_tokens(tiny_model, tmp_path, mode):
     ids = torch.tensor([[5, 9, 33, 17, 4, 5, 9, 33]])
     plain = tiny_model.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
