@@ -705,13 +705,12 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTra
         source = _source_fingerprint(vocab_file)
         for k in ("tokenizer_object", "vocab", "merges", "from_slow"):
             kwargs.pop(k, None)
-        backend = None
-        if tokenizer_json_source == source and tokenizer_file and os.path.isfile(tokenizer_file):
-            try:  # written by this code from this tokenizer.model
-                backend = Tokenizer.from_file(tokenizer_file)
-            except Exception:  # written by a newer `tokenizers` than this one: rebuild  # noqa: BLE001
-                backend = None
-        super().__init__(tokenizer_object=backend or _build_backend(vocab_file), **kwargs)
+        try:
+            if tokenizer_json_source != source or not tokenizer_file or not os.path.isfile(tokenizer_file):
+                raise FileNotFoundError("no tokenizer.json recorded as built from this tokenizer.model")
+            super().__init__(tokenizer_file=tokenizer_file, **kwargs)  # (a tokenizer_object would be deep-copied)
+        except Exception:  # none usable: missing, stale, or written by a newer `tokenizers` than this one
+            super().__init__(tokenizer_object=_build_backend(vocab_file), **kwargs)
         self.vocab_file = vocab_file
         self.init_kwargs["tokenizer_json_source"] = source
         # Plain-text chunks are encoded by the same model without the added tokens (see _glm_split).
