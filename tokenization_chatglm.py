@@ -348,12 +348,27 @@ class _ChatGLMTokenizerMixin:
             cached = self.__dict__["_glm_added_tokens"] = {i: t for i, t in table.items() if i >= self.tokenizer.n_words}
         return cached
 
-    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+    def _glm_forget(self):
+        """Drop what is cached about the vocabulary (after the base __init__ and every `_add_tokens`)."""
         self.__dict__.pop("_glm_added_tokens", None)
+        self.__dict__.pop("_glm_vocab", None)
+
+    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        self._glm_forget()
         try:
             return super()._add_tokens(new_tokens, special_tokens=special_tokens)
         finally:
-            self.__dict__.pop("_glm_added_tokens", None)
+            self._glm_forget()
+
+    def convert_tokens_to_ids(self, tokens):
+        """The base classes' conversion, through one cached dict (a backend call per token costs more than BPE)."""
+        vocab = self.__dict__.get("_glm_vocab")
+        if vocab is None:
+            vocab = self.__dict__["_glm_vocab"] = self.get_vocab()
+        unk = vocab.get(str(self.unk_token)) if self.unk_token is not None else None
+        if tokens is None or isinstance(tokens, str):
+            return None if tokens is None else vocab.get(tokens, unk)
+        return [vocab.get(t, unk) for t in tokens]
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         added, skip = self._glm_user_added(), set(self.all_special_ids) if skip_special_tokens else ()
@@ -577,7 +592,7 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
     def __init__(self, vocab_file=None, **kwargs):
         self._glm_setup(vocab_file, kwargs)
         super().__init__(**kwargs)
-        self.__dict__.pop("_glm_added_tokens", None)
+        self._glm_forget()
 
     @property
     def vocab_size(self) -> int:
@@ -717,7 +732,7 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTra
         self._glm_plain = Tokenizer(self._tokenizer.model)
         self._glm_plain.normalizer = self._tokenizer.normalizer
         self._glm_plain.pre_tokenizer = self._tokenizer.pre_tokenizer
-        self.__dict__.pop("_glm_added_tokens", None)
+        self._glm_forget()
         # transformers 4.x advises against `pad` after encoding with a fast tokenizer; here that is the design
         self.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
 
