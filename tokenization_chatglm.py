@@ -19,11 +19,13 @@ SentencePiece's decoding, except that a run of byte-fallback pieces that is not 
 
 Everything else (batching, padding, truncation, pairs, tensors) is transformers' own code: both classes run
 transformers' Python encode pipeline (``tokenize`` -> ids -> ``prepare_for_model`` -> ``pad``), because the rule
-above cannot be written as a `tokenizers` added-token table. The fast tokenizer's backend (``tokenizer._tokenizer``)
-is a complete `tokenizers` pipeline built from ``tokenizer.model`` by `_build_backend`; it encodes the plain-text
-chunks and decodes, so ``tokenizer._tokenizer.decode`` and ``tokenizers.decoders.DecodeStream`` (vLLM) give exactly
-``tokenizer.decode``. ``save_pretrained`` writes it as ``tokenizer.json`` and records the sha256 of
-``tokenizer.model`` in tokenizer_config.json; a load uses tokenizer.json only while that record matches.
+above cannot be written as a `tokenizers` added-token table, and both encode the plain-text chunks with
+SentencePiece (faster per call than `tokenizers`; the ids are the same). The fast tokenizer's backend
+(``tokenizer._tokenizer``) is a complete `tokenizers` pipeline built from ``tokenizer.model`` by `_build_backend`,
+for the tools that run it directly: its encode gives SentencePiece's ids, and ``tokenizer._tokenizer.decode`` and
+``tokenizers.decoders.DecodeStream`` (vLLM) give exactly ``tokenizer.decode``, which the fast class decodes with.
+``save_pretrained`` writes it as ``tokenizer.json`` and records the sha256 of ``tokenizer.model`` in
+tokenizer_config.json; a load uses tokenizer.json only while that record matches.
 
 On transformers 5.x ``AutoTokenizer`` always returns the fast class; the slow one is
 ``type(tok).slow_tokenizer_class.from_pretrained(folder)`` (see README).
@@ -419,7 +421,8 @@ class _ChatGLMTokenizerMixin:
         """Pieces of `text`: the base classes turn them into ids, then add the prefix, truncate and pad."""
         tokens: List[str] = []
         for part in self._glm_split(_clean_text(text), kwargs.get("encode_special_tokens")):
-            tokens += self._glm_pieces(part) if isinstance(part, str) else [self.convert_ids_to_tokens(part)]
+            tokens += self.tokenizer.sp_model.encode(part, out_type=str) if isinstance(part, str) else [
+                self.convert_ids_to_tokens(part)]
         return tokens
 
     # ---- what the published format adds around sequences ----
@@ -603,11 +606,8 @@ class ChatGLMTokenizer(_ChatGLMTokenizerMixin, PreTrainedTokenizer):
         vocab.update(getattr(self, "added_tokens_encoder", {}))
         return vocab
 
-    def _glm_pieces(self, text: str) -> List[str]:
-        return self.tokenizer.sp_model.encode(text, out_type=str)
-
     def _tokenize(self, text, **kwargs):
-        return self._glm_pieces(text)
+        return self.tokenizer.sp_model.encode(text, out_type=str)
 
     def _convert_token_to_id(self, token: str) -> int:
         return self.tokenizer.convert_token_to_id(token)
@@ -706,8 +706,9 @@ def _build_backend(path: str) -> Tokenizer:
 class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTrainedTokenizerFast):
     """`tokenizers`-backed ChatGLM3 tokenizer: same ids, padding, decoding and chat building as ChatGLMTokenizer.
 
-    Its backend (`tokenizer._tokenizer`, see `_build_backend`) encodes the plain-text chunks and decodes; encoding
-    goes through transformers' Python pipeline (`_PythonEncodePipeline`), as for the slow tokenizer."""
+    Encoding goes through transformers' Python pipeline (`_PythonEncodePipeline`), as for the slow tokenizer; the
+    backend (`tokenizer._tokenizer`, see `_build_backend`) decodes, is saved as tokenizer.json, and serves the tools
+    that run it directly."""
 
     vocab_files_names = {**VOCAB_FILES_NAMES, "tokenizer_file": TOKENIZER_JSON}
     slow_tokenizer_class = ChatGLMTokenizer
@@ -728,10 +729,6 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTra
             super().__init__(tokenizer_object=_build_backend(vocab_file), **kwargs)
         self.vocab_file = vocab_file
         self.init_kwargs["tokenizer_json_source"] = source
-        # Plain-text chunks are encoded by the same model without the added tokens (see _glm_split).
-        self._glm_plain = Tokenizer(self._tokenizer.model)
-        self._glm_plain.normalizer = self._tokenizer.normalizer
-        self._glm_plain.pre_tokenizer = self._tokenizer.pre_tokenizer
         self._glm_forget()
         # transformers 4.x advises against `pad` after encoding with a fast tokenizer; here that is the design
         self.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
@@ -748,9 +745,6 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTra
         path = os.path.join(str(save_directory), (filename_prefix + "-" if filename_prefix else "") + TOKENIZER_JSON)
         self._tokenizer.save(path)
         return tuple(file_names) + tuple(self.save_vocabulary(save_directory, filename_prefix)) + (path,)
-
-    def _glm_pieces(self, text: str) -> List[str]:
-        return self._glm_plain.encode(text, add_special_tokens=False).tokens
 
     def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
         # added tokens are matched on the raw text (see _glm_split); a "normalized" one would decode with a "▁"

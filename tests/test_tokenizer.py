@@ -225,10 +225,23 @@ def _assert_matches_sp(tok_, sp, texts):
         assert g == sp_reference_ids(sp, t), repr(t)
 
 
+def _assert_backend_matches_sp(fast, sp, texts):
+    """The backend alone (what tools reading tokenizer.json run, e.g. text-generation-inference) encodes like
+    SentencePiece, with the [gMASK] sop prefix. It extracts special strings from text the way every `tokenizers`
+    added token is, so texts containing them are left out here."""
+    backend = fast.backend_tokenizer
+    plain = [t for t in texts if not any(s in t for s in SPECIAL_TOKENS + ["<unk>", "<s>", "</s>"])]
+    assert len(plain) > len(texts) // 2
+    for t, e in zip(plain, backend.encode_batch(plain, add_special_tokens=False)):
+        assert e.ids == sp.encode(t), repr(t)
+    assert backend.encode(plain[-1]).ids == fast.get_prefix_tokens() + sp.encode(plain[-1])
+
+
 def test_tiny_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp):
     texts = mixed_corpus(1500, seed=1)
     _assert_matches_sp(tiny_slow, tiny_sp, texts)
     _assert_matches_sp(tiny_fast, tiny_sp, texts)
+    _assert_backend_matches_sp(tiny_fast, tiny_sp, texts)
 
 
 @needs_real
@@ -238,6 +251,7 @@ def test_real_matches_sentencepiece(real_slow, real_fast, real_sp):
     texts += ["    def forward(self, x):\n        return self.proj(x)  # 注释\n", "①②③ ½ ㎏ ﷺ", "\U0001F9D1\u200D\U0001F4BB"]
     _assert_matches_sp(real_slow, real_sp, texts)
     _assert_matches_sp(real_fast, real_sp, texts)
+    _assert_backend_matches_sp(real_fast, real_sp, texts)
 
 
 def test_slow_equals_fast_with_special_parsing(tiny_slow, tiny_fast):
@@ -852,4 +866,5 @@ def test_slow_equals_fast_tiny(tiny_slow, tiny_fast, s):
 def test_round_trip_real(real_slow, real_fast, real_sp, s):
     ids = real_fast(s, add_special_tokens=False)["input_ids"]
     assert ids == real_sp.encode(s) == real_slow(s, add_special_tokens=False)["input_ids"]
+    assert real_fast.backend_tokenizer.encode(s, add_special_tokens=False).ids == ids  # (no special strings in s)
     assert real_fast.decode(ids) == s == real_slow.decode(ids)
