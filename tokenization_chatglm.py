@@ -118,6 +118,13 @@ _PythonEncodePipeline = type("_PythonEncodePipeline", (), {
     if name in vars(PreTrainedTokenizer)})
 
 
+def _added_tokens(tok) -> Dict[int, str]:
+    """id -> string of every added token: `added_tokens_decoder` from transformers 4.34, `get_added_vocab` before."""
+    if _HAS_ADDED_TOKENS_DECODER:
+        return {i: str(t) for i, t in tok.added_tokens_decoder.items()}
+    return {i: t for t, i in tok.get_added_vocab().items()}
+
+
 def _has_complete_pipeline() -> bool:
     """tokenizers >= 0.13.3: BPE byte_fallback, the Prepend normalizer, the ByteFallback/Fuse/Strip decoders."""
     if not hasattr(normalizers, "Prepend") or not all(hasattr(decoders, n) for n in ("ByteFallback", "Fuse", "Strip")):
@@ -341,12 +348,9 @@ class _ChatGLMTokenizerMixin:
         cached = self.__dict__.get("_glm_added_tokens")
         if cached is None:
             try:
-                table = {i: str(t) for i, t in self.added_tokens_decoder.items()}
-            except AttributeError:  # transformers < 4.34, or called by an old base __init__ before the tables exist
-                try:
-                    table = {i: t for t, i in self.get_added_vocab().items()}
-                except AttributeError:
-                    table = {}
+                table = _added_tokens(self)
+            except AttributeError:  # asked by the base __init__ before its tables exist (not cached)
+                return {}
             cached = self.__dict__["_glm_added_tokens"] = {i: t for i, t in table.items() if i >= self.tokenizer.n_words}
         return cached
 
@@ -730,7 +734,7 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTra
         self.vocab_file = vocab_file
         self.init_kwargs["tokenizer_json_source"] = source
         self._glm_forget()
-        # transformers 4.x advises against `pad` after encoding with a fast tokenizer; here that is the design
+        # transformers advises against `pad` after encoding with a fast tokenizer; here that is the design
         self.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
 
     @classmethod

@@ -842,8 +842,9 @@ def test_missing_model_offline_error(tmp_path, monkeypatch):
 
 # Round-trip holds for SentencePiece with byte fallback except for "▁" (U+2581, SentencePiece's own space symbol,
 # which decodes to " ") and surrogates (not encodable).
+# "</s>" in text is the end-of-sequence id by design (see test_eos_text_is_eos), so it does not round-trip either.
 round_trip_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"),
-                          max_size=60)
+                          max_size=60).filter(lambda s: "</s>" not in s)
 
 
 @PROP
@@ -866,5 +867,6 @@ def test_slow_equals_fast_tiny(tiny_slow, tiny_fast, s):
 def test_round_trip_real(real_slow, real_fast, real_sp, s):
     ids = real_fast(s, add_special_tokens=False)["input_ids"]
     assert ids == real_sp.encode(s) == real_slow(s, add_special_tokens=False)["input_ids"]
-    assert real_fast.backend_tokenizer.encode(s, add_special_tokens=False).ids == ids  # (no special strings in s)
+    if not any(t in s for t in SPECIAL_TOKENS + ["<unk>", "<s>", "</s>"]):  # (the backend extracts those)
+        assert real_fast.backend_tokenizer.encode(s, add_special_tokens=False).ids == ids
     assert real_fast.decode(ids) == s == real_slow.decode(ids)
