@@ -423,6 +423,8 @@ class _ChatGLMTokenizerMixin:
 
     def tokenize(self, text, **kwargs) -> List[str]:
         """Pieces of `text`: the base classes turn them into ids, then add the prefix, truncate and pad."""
+        if kwargs.get("return_offsets_mapping"):  # (5.x passes it down here; 4.x refuses it before)
+            raise ValueError("ChatGLM tokenizer: return_offsets_mapping is not supported")
         tokens: List[str] = []
         for part in self._glm_split(_clean_text(text), kwargs.get("encode_special_tokens")):
             tokens += self.tokenizer.sp_model.encode(part, out_type=str) if isinstance(part, str) else [

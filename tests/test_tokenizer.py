@@ -684,6 +684,12 @@ def test_bad_input_raises_value_error(tok, call, match):
         call(tok)
 
 
+def test_offsets_mapping_is_refused(tok):
+    # (transformers 4.x's Python pipeline refuses it itself, with NotImplementedError)
+    with pytest.raises((ValueError, NotImplementedError), match="offset"):
+        tok("hello", return_offsets_mapping=True)
+
+
 @needs_chat_template
 def test_chat_template_bad_roles(tok):
     with pytest.raises(ValueError, match="roles are"):
