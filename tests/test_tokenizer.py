@@ -8,12 +8,14 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import threading
 import uuid
 
+import inspect
+
 import pytest
 import sentencepiece as spm
+from transformers import PreTrainedTokenizerBase
 
 from tokenizer_helpers import (
     SPECIAL_TOKENS,
@@ -107,12 +109,10 @@ def real_tok(request):
 
 
 def has_chat_template(t):
-    return hasattr(type(t).__mro__[2], "apply_chat_template")
+    """transformers >= 4.34 has apply_chat_template (older ones: build_chat_input only)."""
+    return hasattr(PreTrainedTokenizerBase, "apply_chat_template")
 
 
-import inspect  # noqa: E402
-
-from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 HAS_PADDING_SIDE_ARG = "padding_side" in inspect.signature(PreTrainedTokenizerBase.pad).parameters
 needs_padding_side_arg = pytest.mark.skipif(
@@ -225,10 +225,23 @@ def _assert_matches_sp(tok_, sp, texts):
         assert g == sp_reference_ids(sp, t), repr(t)
 
 
+def _assert_backend_matches_sp(fast, sp, texts):
+    """The backend alone (what tools reading tokenizer.json run, e.g. text-generation-inference) encodes like
+    SentencePiece, with the [gMASK] sop prefix. It extracts special strings from text the way every `tokenizers`
+    added token is, so texts containing them are left out here."""
+    backend = fast.backend_tokenizer
+    plain = [t for t in texts if not any(s in t for s in SPECIAL_TOKENS + ["<unk>", "<s>", "</s>"])]
+    assert len(plain) > len(texts) // 2
+    for t, e in zip(plain, backend.encode_batch(plain, add_special_tokens=False)):
+        assert e.ids == sp.encode(t), repr(t)
+    assert backend.encode(plain[-1]).ids == fast.get_prefix_tokens() + sp.encode(plain[-1])
+
+
 def test_tiny_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp):
     texts = mixed_corpus(1500, seed=1)
     _assert_matches_sp(tiny_slow, tiny_sp, texts)
     _assert_matches_sp(tiny_fast, tiny_sp, texts)
+    _assert_backend_matches_sp(tiny_fast, tiny_sp, texts)
 
 
 @needs_real
@@ -238,6 +251,7 @@ def test_real_matches_sentencepiece(real_slow, real_fast, real_sp):
     texts += ["    def forward(self, x):\n        return self.proj(x)  # 注释\n", "①②③ ½ ㎏ ﷺ", "\U0001F9D1\u200D\U0001F4BB"]
     _assert_matches_sp(real_slow, real_sp, texts)
     _assert_matches_sp(real_fast, real_sp, texts)
+    _assert_backend_matches_sp(real_fast, real_sp, texts)
 
 
 def test_slow_equals_fast_with_special_parsing(tiny_slow, tiny_fast):
@@ -413,11 +427,16 @@ def test_pad_method_and_padding_side_argument(tok):
         right = tok.pad([dict(f) for f in feats], padding=True, padding_side="right")
         assert right["input_ids"][0][: len(feats[0]["input_ids"])] == feats[0]["input_ids"]
         assert right["position_ids"][0][-1] == 0
-    # _pad accepts whatever keywords a transformers version passes, padding_side included
-    e = tok._pad({"input_ids": [5, 6]}, max_length=4, padding_strategy="max_length", padding_side="right")
-    assert e == {"input_ids": [5, 6, 0, 0], "attention_mask": [1, 1, 0, 0], "position_ids": [0, 1, 0, 0]}
-    with pytest.raises(ValueError, match="padding_side"):
-        tok._pad({"input_ids": [5]}, max_length=4, padding_strategy="max_length", padding_side="middle")
+    # one example, padding side set on the tokenizer (what transformers < 4.45 reads)
+    try:
+        tok.padding_side = "right"
+        e = tok.pad({"input_ids": [5, 6]}, padding="max_length", max_length=4)
+        assert dict(e) == {"input_ids": [5, 6, 0, 0], "attention_mask": [1, 1, 0, 0], "position_ids": [0, 1, 0, 0]}
+        tok.padding_side = "middle"
+        with pytest.raises(ValueError, match="padding_side"):
+            tok.pad({"input_ids": [5]}, padding="max_length", max_length=4)
+    finally:
+        tok.padding_side = "left"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -665,6 +684,12 @@ def test_bad_input_raises_value_error(tok, call, match):
         call(tok)
 
 
+def test_offsets_mapping_is_refused(tok):
+    # (transformers 4.x's Python pipeline refuses it itself, with NotImplementedError)
+    with pytest.raises((ValueError, NotImplementedError), match="offset"):
+        tok("hello", return_offsets_mapping=True)
+
+
 @needs_chat_template
 def test_chat_template_bad_roles(tok):
     with pytest.raises(ValueError, match="roles are"):
@@ -712,12 +737,6 @@ def _save(t, parent, name):
     return out
 
 
-def _built_from(t, folder) -> bool:
-    """Whether the fast tokenizer `t` built its backend from folder/tokenizer.model (instead of tokenizer.json)."""
-    cache = sys.modules[type(t).__module__]._BACKEND_CACHE
-    return any(key[0] == os.path.realpath(folder / "tokenizer.model") for key in cache)
-
-
 def test_save_and_reload(tiny_dir, tmp_path):
     texts = mixed_corpus(50, seed=7)
     for fast in (False, True):
@@ -761,21 +780,22 @@ def test_tokenizer_json_recorded_with_the_model_sha256(tiny_dir, tiny_model, tmp
     assert digest in cfg["tokenizer_json_source"]
     saved = json.loads((out / "tokenizer.json").read_text())
     assert saved["decoder"] and saved["normalizer"] and saved["model"]["byte_fallback"] is True
-    # the record matches: the backend comes from tokenizer.json, not from tokenizer.model
     t2 = load_tokenizer(out, fast=True)
-    assert not _built_from(t2, out)
-    assert json.loads(t2._tokenizer.to_str())["model"] == saved["model"]
+    assert json.loads(t2.backend_tokenizer.to_str())["model"] == saved["model"]
     texts = mixed_corpus(30, seed=8)
     assert t2(texts)["input_ids"] == fast(texts)["input_ids"]
-    # a tokenizer.json that does not match tokenizer.model (here: no decoder, stale record) is ignored and rebuilt
+    # while the record matches, the backend is what tokenizer.json says (here: a file edited to have no decoder)
     saved["decoder"] = None
     (out / "tokenizer.json").write_text(json.dumps(saved))
+    assert load_tokenizer(out, fast=True).backend_tokenizer.decoder is None
+    # with a stale record, tokenizer.json is ignored and the backend rebuilt from tokenizer.model
     cfg["tokenizer_json_source"] = cfg["tokenizer_json_source"].replace(digest, "0" * 64)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     t3 = load_tokenizer(out, fast=True)
-    assert _built_from(t3, out)
+    assert t3.backend_tokenizer.decoder is not None
     ids = fast("Hello 😀 world")["input_ids"]
-    assert t3._tokenizer.decode(ids, skip_special_tokens=True) == "Hello 😀 world" == t3.decode(ids, skip_special_tokens=True)
+    assert t3.backend_tokenizer.decode(ids, skip_special_tokens=True) == "Hello 😀 world" == t3.decode(
+        ids, skip_special_tokens=True)
 
 
 def test_slow_tokenizer_on_every_version(tiny_dir):
@@ -828,8 +848,9 @@ def test_missing_model_offline_error(tmp_path, monkeypatch):
 
 # Round-trip holds for SentencePiece with byte fallback except for "▁" (U+2581, SentencePiece's own space symbol,
 # which decodes to " ") and surrogates (not encodable).
+# "</s>" in text is the end-of-sequence id by design (see test_eos_text_is_eos), so it does not round-trip either.
 round_trip_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"),
-                          max_size=60)
+                          max_size=60).filter(lambda s: "</s>" not in s)
 
 
 @PROP
@@ -852,4 +873,6 @@ def test_slow_equals_fast_tiny(tiny_slow, tiny_fast, s):
 def test_round_trip_real(real_slow, real_fast, real_sp, s):
     ids = real_fast(s, add_special_tokens=False)["input_ids"]
     assert ids == real_sp.encode(s) == real_slow(s, add_special_tokens=False)["input_ids"]
+    if not any(t in s for t in SPECIAL_TOKENS + ["<unk>", "<s>", "</s>"]):  # (the backend extracts those)
+        assert real_fast.backend_tokenizer.encode(s, add_special_tokens=False).ids == ids
     assert real_fast.decode(ids) == s == real_slow.decode(ids)
