@@ -585,6 +585,16 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             if isinstance(module, GLMBlock):
                 module.gradient_checkpointing = value
 
+    @property
+    def base_model(self):
+        """transformers' accessor of the body without the head. For the heads it is a batch-first view of
+        ``self.transformer`` (``ChatGLMBatchFirstModel``: the same module, parameters and hooks, whose ``forward``
+        returns ``[batch, seq, hidden]`` like every in-library base model), so generic code that runs
+        ``model.base_model(**batch).last_hidden_state`` (TRL's fused LM head) works; ``model.transformer`` itself
+        keeps the published seq-first contract. A bare ``ChatGLMModel`` is its own base model (seq-first)."""
+        body = None if isinstance(self, ChatGLMModel) else self.__dict__.get("_modules", {}).get("transformer")
+        return self if body is None else ChatGLMBatchFirstModel.view_of(body)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """The library's loader, plus checks so that it never returns a partly random or garbage model:
@@ -940,6 +950,54 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return quantize(self, bits, **kwargs)
 
 
+class ChatGLMBatchFirstModel(ChatGLMModel):
+    """A batch-first view of a ``ChatGLMModel``: what the heads' ``base_model`` and ``get_decoder()`` return.
+
+    It shares the viewed model's whole state (one ``__dict__``: submodules, parameters, buffers, config, hooks,
+    training flag), so reading or changing it reads or changes the model; it is never registered as a submodule
+    and adds nothing to ``state_dict``. Only ``forward`` differs: ``inputs_embeds`` and every output are
+    ``[batch, seq, ...]`` (``ChatGLMModel.run``), as for transformers' own base models."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("ChatGLMBatchFirstModel is a view: use model.base_model / model.get_decoder(), or "
+                        "ChatGLMBatchFirstModel.view_of(chatglm_model)")
+
+    @classmethod
+    def view_of(cls, model):
+        if not isinstance(model, ChatGLMModel):
+            raise ValueError(f"view_of needs a ChatGLMModel, got {type(model).__name__}")
+        if isinstance(model, cls):
+            return model
+        view = object.__new__(cls)
+        object.__setattr__(view, "__dict__", model.__dict__)
+        return view
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        full_attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        output_attentions=None,
+        cache=None,
+        **kwargs,
+    ):
+        """Batch-first: ``inputs_embeds`` [batch, seq, hidden]; ``last_hidden_state`` and ``hidden_states``
+        [batch, seq, hidden]."""
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.run(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions)
+        return outputs if return_dict else outputs.to_tuple()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Chat (the ChatGLM3 chat models share these files). Built on the public generate() API only.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1152,6 +1210,10 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
     def quantized(self):
         return bool(self.config.quantization_bit)
 
+    def get_decoder(self):
+        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
+        return self.base_model
+
     def get_output_embeddings(self):
         return self.transformer.output_layer
 
@@ -1323,6 +1385,10 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
         self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
         self.post_init()
+
+    def get_decoder(self):
+        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
+        return self.base_model
 
     def forward(
         self,
