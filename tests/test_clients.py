@@ -151,3 +151,104 @@ def test_trl_sft_lora_trains_only_the_adapters(lm_dir, tok, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=batch["input_ids"]).logits,
                                    merged.eval()(input_ids=batch["input_ids"]).logits)
+
+
+# =====================================================================================================================
+# lm-evaluation-harness: HFLM on a saved folder, requests built here (no dataset download)
+# =====================================================================================================================
+LL_REQUESTS = [("今天天气", "真不错"), ("The capital of France is", " Paris"), ("1 + 1 =", " 2"),
+               ("def add(a, b):\n", "    return a + b")]
+ROLLING = ["今天天气真不错，我们一起去公园散步吧。", "The quick brown fox jumps over the lazy dog."]
+GEN_CONTEXTS = ["今天天气", "The capital of France is", "Hello"]
+
+
+class _Reference:
+    """Hand-computed scores: raw SentencePiece ids with the [gMASK] sop prefix (the special ids follow the
+    SentencePiece pieces), and our own log-softmax over direct forwards of the model."""
+
+    def __init__(self, folder):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(Path(folder) / "tokenizer.model"))
+        n = self.sp.get_piece_size()
+        self.prefix = [n + 1, n + 3]  # [gMASK], sop
+        self.model = load_model(folder)
+
+    def logprobs(self, ids):
+        with torch.no_grad():
+            return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+
+    def loglikelihood(self, context, continuation):
+        """lm-eval's rule: trailing whitespace of the context moves to the continuation; encode the whole text and
+        the context, the continuation is what follows the context."""
+        stripped = context.rstrip()
+        context, continuation = stripped, context[len(stripped):] + continuation
+        ctx = self.prefix + self.sp.encode(context)
+        whole = self.prefix + self.sp.encode(context + continuation)
+        cont = whole[len(ctx):]
+        logp = self.logprobs(whole[:-1])[len(ctx) - 1:]
+        targets = torch.tensor(cont)
+        score = logp.gather(-1, targets[:, None]).sum().item()
+        return score, bool(torch.equal(logp.argmax(-1), targets))
+
+    def rolling(self, text):
+        """One window: the prefix token (eos) conditions the first token; every token of [gMASK] sop text is scored."""
+        ids = self.prefix + self.sp.encode(text)
+        logp = self.logprobs([EOS] + ids[:-1])
+        return logp.gather(-1, torch.tensor(ids)[:, None]).sum().item()
+
+    def greedy(self, context, max_new, until):
+        ids = self.prefix + self.sp.encode(context)
+        out = []
+        for _ in range(max_new):
+            nxt = int(self.logprobs(ids + out)[-1].argmax())
+            out.append(nxt)
+            if nxt == EOS:
+                break
+        text = self.sp.decode([i for i in out if 2 < i < self.sp.get_piece_size()])
+        for stop in until:
+            text = text.split(stop)[0]
+        return out, text
+
+
+def _requests(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_lm_eval_harness_scores_equal_hand_computed_values(lm_dir):
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    ref = _Reference(lm_dir)
+    runs = {bs: HFLM(pretrained=str(lm_dir), trust_remote_code=True, batch_size=bs, device="cpu", dtype="float32")
+            for bs in (1, 3)}
+    lm = runs[1]
+    # decode of eos is its string: lm-eval keeps the [gMASK] sop prefix and a real stop string
+    assert lm.tokenizer.decode([lm.eot_token_id]) == "</s>" and lm.prefix_token_id == EOS
+    assert lm.tok_encode("今天天气")[:2] == ref.prefix
+
+    expected = [ref.loglikelihood(c, x) for c, x in LL_REQUESTS]
+    expected_rolling = [ref.rolling(t) for t in ROLLING]
+    for bs, run in runs.items():
+        got = run.loglikelihood(_requests("loglikelihood", LL_REQUESTS), disable_tqdm=True)
+        for (score, greedy), (want, want_greedy) in zip(got, expected):
+            assert math.isclose(score, want, rel_tol=1e-5, abs_tol=1e-4), (bs, score, want)
+            assert greedy == want_greedy
+        rolling = run.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in ROLLING]),
+                                            disable_tqdm=True)
+        for score, want in zip(rolling, expected_rolling):
+            assert math.isclose(score, want, rel_tol=1e-5, abs_tol=1e-4), (bs, score, want)
+
+    # generate_until: greedy, stopping at a stop string taken from the reference's own continuation
+    max_new = 8
+    plain = [ref.greedy(c, max_new, [])[1] for c in GEN_CONTEXTS]
+    stop = next(t[2:4] for t in plain if len(t) >= 4)
+    gen_args = [(c, {"until": [stop], "max_gen_toks": max_new, "do_sample": False}) for c in GEN_CONTEXTS]
+    want = [ref.greedy(c, max_new, [stop])[1] for c in GEN_CONTEXTS]
+    assert any(len(w) < len(p) for w, p in zip(want, plain))  # the stop string cut at least one continuation
+    assert any(len(w) > 1 for w in want)
+    for bs, run in runs.items():
+        got = run.generate_until(_requests("generate_until", gen_args), disable_tqdm=True)
+        assert got == want, (bs, got, want)
