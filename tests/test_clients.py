@@ -252,3 +252,106 @@ def test_lm_eval_harness_scores_equal_hand_computed_values(lm_dir):
     for bs, run in runs.items():
         got = run.generate_until(_requests("generate_until", gen_args), disable_tqdm=True)
         assert got == want, (bs, got, want)
+
+
+# =====================================================================================================================
+# llama.cpp: convert_hf_to_gguf.py (from the llama-cpp-python source distribution) on a saved fine-tune
+# =====================================================================================================================
+SDIST_ENV = "LLAMA_CPP_PYTHON_SDIST"
+CONVERTER_FILES = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
+
+
+def _sdist():
+    """The llama-cpp-python sdist (.tar.gz, or its unpacked folder): ``$LLAMA_CPP_PYTHON_SDIST``, else a cached
+    copy in ``$XDG_CACHE_HOME/chatglm3-tests/``. Never downloaded here (``.ci/run``'s clients stage fetches it with
+    ``pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36``)."""
+    env = os.environ.get(SDIST_ENV)
+    if env:
+        return Path(env) if Path(env).exists() else None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatglm3-tests"
+    found = sorted(glob.glob(str(cache / "llama_cpp_python-*.tar.gz")))
+    return Path(found[-1]) if found else None
+
+
+def _converter(tmp_path):
+    """Path of convert_hf_to_gguf.py with its conversion/ and gguf-py/ next to it."""
+    src = _sdist()
+    if src.is_dir():
+        script = next(iter(src.glob("**/vendor/llama.cpp/convert_hf_to_gguf.py")), None)
+        assert script is not None, f"{src} holds no vendor/llama.cpp/convert_hf_to_gguf.py"
+        return script
+    with tarfile.open(src) as tar:
+        members = [m for m in tar.getmembers()
+                   if (m.isfile() or m.isdir()) and any(f in m.name for f in CONVERTER_FILES)]
+        tar.extractall(tmp_path / "sdist", members=members)
+    return next((tmp_path / "sdist").glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+
+
+@pytest.mark.skipif(_sdist() is None, reason=f"no llama-cpp-python sdist: set {SDIST_ENV} to "
+                    f"llama_cpp_python-*.tar.gz (pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36) "
+                    f"or put one in ~/.cache/chatglm3-tests")
+def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
+    pytest.importorskip("gguf")
+    import gguf
+    from safetensors.torch import load_file
+
+    script = _converter(tmp_path)
+    # a "fine-tune": change the weights, save model and tokenizer with the library's save_pretrained
+    model = load_model(lm_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    saved = tmp_path / "fine-tune"
+    model.save_pretrained(saved)
+    tok.save_pretrained(saved)
+    cfg = json.loads((saved / "config.json").read_text())
+    assert "THUDM/chatglm3-6b" in cfg["_name_or_path"]  # what the converter recognises ChatGLM3 by
+
+    out = tmp_path / "model.gguf"
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    proc = subprocess.run([sys.executable, str(script), str(saved), "--outfile", str(out), "--outtype", "f32"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    reader = gguf.GGUFReader(str(out))
+
+    def field(name):
+        f = reader.fields[name]
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
+            return [bytes(f.parts[i]).decode() if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i].item()
+                    for i in f.data]
+        part = f.parts[f.data[0]]
+        return bytes(part).decode() if f.types[0] == gguf.GGUFValueType.STRING else part.item()
+
+    assert field("general.architecture") == "chatglm"
+    assert field("tokenizer.ggml.pre") == "chatglm-spm"  # the ChatGLM3 SentencePiece vocabulary, not GLM-4's
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == 65024 and tokens[GMASK] == "[gMASK]" and tokens[SOP] == "sop"
+    assert field("tokenizer.ggml.eos_token_id") == EOS
+    assert field("chatglm.block_count") == cfg["num_layers"]
+    assert field("chatglm.embedding_length") == cfg["hidden_size"]
+    assert field("chatglm.attention.head_count_kv") == cfg["multi_query_group_num"]
+    assert field("tokenizer.chat_template") == tok.chat_template
+
+    # tensors: the converter's name mapping, values unchanged (GGUF stores the torch shape reversed)
+    weights = load_file(str(saved / "model.safetensors"))
+    names = {"transformer.embedding.word_embeddings.weight": "token_embd.weight",
+             "transformer.encoder.final_layernorm.weight": "output_norm.weight",
+             "transformer.output_layer.weight": "output.weight"}
+    for i in range(cfg["num_layers"]):
+        pre, blk = f"transformer.encoder.layers.{i}.", f"blk.{i}."
+        names.update({pre + "input_layernorm.weight": blk + "attn_norm.weight",
+                      pre + "self_attention.query_key_value.weight": blk + "attn_qkv.weight",
+                      pre + "self_attention.query_key_value.bias": blk + "attn_qkv.bias",
+                      pre + "self_attention.dense.weight": blk + "attn_output.weight",
+                      pre + "post_attention_layernorm.weight": blk + "ffn_norm.weight",
+                      pre + "mlp.dense_h_to_4h.weight": blk + "ffn_up.weight",
+                      pre + "mlp.dense_4h_to_h.weight": blk + "ffn_down.weight"})
+    assert sorted(k for k in weights if not k.endswith("inv_freq")) == sorted(names)
+    tensors = {t.name: t for t in reader.tensors}
+    assert sorted(tensors) == sorted(names.values())
+    for key, name in names.items():
+        t = tensors[name]
+        assert [int(n) for n in t.shape][::-1] == list(weights[key].shape), name
+        got = torch.from_numpy(t.data.copy()).reshape(weights[key].shape)
+        assert torch.equal(got, weights[key].float()), name
