@@ -355,3 +355,33 @@ def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
         assert [int(n) for n in t.shape][::-1] == list(weights[key].shape), name
         got = torch.from_numpy(t.data.copy()).reshape(weights[key].shape)
         assert torch.equal(got, weights[key].float()), name
+
+
+# =====================================================================================================================
+# diffusers: KolorsPipeline.encode_prompt with our text encoder and tokenizer = with diffusers' bundled ChatGLM ones
+# =====================================================================================================================
+def test_kolors_encode_prompt_equals_diffusers_bundled_chatglm(lm_dir, tok):
+    pytest.importorskip("diffusers")
+    from diffusers import KolorsPipeline
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig as DiffusersConfig
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel as DiffusersModel
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer as DiffusersTokenizer
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    ours = get_class_from_dynamic_module("modeling_chatglm.ChatGLMModel", str(lm_dir)).from_pretrained(lm_dir).eval()
+    cfg = json.loads((lm_dir / "config.json").read_text())
+    theirs = DiffusersModel(DiffusersConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})).eval()
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("inv_freq" in k for k in missing), (missing, unexpected)
+    their_tok = DiffusersTokenizer(vocab_file=str(lm_dir / "tokenizer.model"))
+
+    prompts = ["一只可爱的小猫，坐在窗台上", "A photo of an astronaut riding a horse on the moon"]
+    results = []
+    for encoder, tokenizer in ((ours, tok), (theirs, their_tok)):
+        pipe = KolorsPipeline(vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=None, scheduler=None)
+        with torch.no_grad():
+            results.append(pipe.encode_prompt(prompts, device=torch.device("cpu"), do_classifier_free_guidance=True,
+                                              negative_prompt=["低质量", "blurry"], max_sequence_length=48))
+    for got, want in zip(*results):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert results[0][0].shape == (2, 48, cfg["hidden_size"]) and results[0][2].shape == (2, cfg["hidden_size"])
