@@ -7,6 +7,7 @@ Each test needs its client installed and is skipped otherwise (the plain 3-versi
 ``.ci/run``'s "clients" stage makes a venv with all of them and runs this file. References are independent of the
 code under test: our own log-softmax over a direct forward of the model, the saved safetensors, raw ids."""
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -23,6 +24,13 @@ from conftest import load_model, make_model_dir
 from tokenizer_helpers import real_model_path, train_tiny_model
 
 GMASK, SOP, EOS = 64790, 64792, 2
+
+
+def needs(*modules):
+    """Skip (at collection, before any fixture is built) unless the client's packages are installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (not installed; .ci/run's clients "
+                                                      f"stage installs them)")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +116,7 @@ def _check_examples_and_fused_loss(trainer, tok):
     return batch, own
 
 
+@needs("trl", "datasets")
 def test_trl_sft_full_fine_tune_lowers_the_loss(lm_dir, tok, tmp_path):
     _needs_trl_on_this_device()
     from datasets import Dataset
@@ -124,9 +133,9 @@ def test_trl_sft_full_fine_tune_lowers_the_loss(lm_dir, tok, tmp_path):
     assert any("query_key_value" in k for k in changed) and any("output_layer" in k for k in changed)
 
 
+@needs("trl", "datasets", "peft")
 def test_trl_sft_lora_trains_only_the_adapters(lm_dir, tok, tmp_path):
     _needs_trl_on_this_device()
-    pytest.importorskip("peft")
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
 
@@ -217,8 +226,8 @@ def _requests(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
+@needs("lm_eval")
 def test_lm_eval_harness_scores_equal_hand_computed_values(lm_dir):
-    pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
     ref = _Reference(lm_dir)
@@ -290,8 +299,8 @@ def _converter(tmp_path):
 @pytest.mark.skipif(_sdist() is None, reason=f"no llama-cpp-python sdist: set {SDIST_ENV} to "
                     f"llama_cpp_python-*.tar.gz (pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36) "
                     f"or put one in ~/.cache/chatglm3-tests")
+@needs("gguf")
 def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
-    pytest.importorskip("gguf")
     import gguf
     from safetensors.torch import load_file
 
@@ -360,8 +369,8 @@ def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
 # =====================================================================================================================
 # diffusers: KolorsPipeline.encode_prompt with our text encoder and tokenizer = with diffusers' bundled ChatGLM ones
 # =====================================================================================================================
+@needs("diffusers")
 def test_kolors_encode_prompt_equals_diffusers_bundled_chatglm(lm_dir, tok):
-    pytest.importorskip("diffusers")
     from diffusers import KolorsPipeline
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig as DiffusersConfig
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel as DiffusersModel
