@@ -959,8 +959,8 @@ class ChatGLMBatchFirstModel(ChatGLMModel):
     ``[batch, seq, ...]`` (``ChatGLMModel.run``), as for transformers' own base models."""
 
     def __init__(self, *args, **kwargs):
-        raise TypeError("ChatGLMBatchFirstModel is a view: use model.base_model / model.get_decoder(), or "
-                        "ChatGLMBatchFirstModel.view_of(chatglm_model)")
+        raise ValueError("ChatGLMBatchFirstModel is a view, not built on its own: use model.base_model / "
+                         "model.get_decoder(), or ChatGLMBatchFirstModel.view_of(chatglm_model)")
 
     @classmethod
     def view_of(cls, model):

@@ -311,6 +311,10 @@ def test_base_model_view_is_the_same_module(tiny_dir):
     model.train()
     assert model.base_model.training
     model.eval()
+    with pytest.raises(ValueError, match="view"):
+        type(view)(model.config)
+    with pytest.raises(ValueError, match="ChatGLMModel"):
+        type(view).view_of(model)
     cls_model = load_model(tiny_dir, cls="AutoModelForSequenceClassification", num_labels=2)
     with torch.no_grad():
         out = cls_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
