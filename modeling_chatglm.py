@@ -11,17 +11,15 @@ Checkpoint keys, config fields and the quantized storage format are exactly thos
 
 Everything that differs between transformers versions lives in the "compatibility" section below.
 """
-import ast
-import copy
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import re
 import shutil
 import tempfile
-import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, List
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +30,9 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging
 
+from .chat import STOP_ROLES, ChatMixin, InvalidScoreLogitsProcessor, parse_tool_call  # noqa: F401 (public names)
 from .configuration_chatglm import ChatGLMConfig
 from .quantization import (
     QuantizedLinear,
@@ -90,6 +88,48 @@ except ImportError:  # transformers 4.30: the model's own _set_gradient_checkpoi
                     functools.partial(super().__call__, **kwargs), *args, use_reentrant=False)
             return super().__call__(*args, **kwargs)
 
+try:  # transformers >= 4.48: the attention-function registry (flex_attention, flash_attention_*, paged variants)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # transformers 4.30: our own eager / SDPA only
+    ALL_ATTENTION_FUNCTIONS = None
+
+try:  # transformers >= 4.53: the mask for every attention implementation and cache kind (static, sliding, paged)
+    from transformers.masking_utils import create_causal_mask as _hf_create_causal_mask
+
+    _MASK_PARAMS = frozenset(inspect.signature(_hf_create_causal_mask).parameters)
+except ImportError:  # transformers 4.30: ChatGLMModel._attention_mask builds it
+    _hf_create_causal_mask, _MASK_PARAMS = None, frozenset()
+
+try:  # transformers >= 4.54: continuous batching's paged cache
+    from transformers.generation.continuous_batching import PagedAttentionCache as _PagedCache
+except ImportError:
+    _PagedCache = None
+
+# transformers 4.36 - 4.57: Cache.update(key, value, layer_idx, cache_kwargs) (a static cache writes at
+# cache_kwargs["cache_position"]); 5.x: Cache.update(key, value, layer_idx, **kwargs) (paged caches read ``kwargs``).
+_CACHE_KWARGS_DICT = _HFCache is not None and "cache_kwargs" in inspect.signature(_HFCache.update).parameters
+
+
+def _cache_update(cache, key, value, layer_idx, cache_position, attn_kwargs):
+    if not _CACHE_KWARGS_DICT:
+        return cache.update(key, value, layer_idx, kwargs=attn_kwargs)
+    if _PagedCache is not None and isinstance(cache, _PagedCache):
+        return cache.update(key, value, layer_idx, **attn_kwargs)
+    return cache.update(key, value, layer_idx, {"cache_position": cache_position})
+
+
+def _causal_mask(config, embeds, attention_mask, cache, cache_position, position_ids):
+    """transformers' ``create_causal_mask``, whose argument names differ between versions."""
+    kwargs = {"config": config, "attention_mask": attention_mask}
+    kwargs["inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in _MASK_PARAMS else "past_key_values"] = cache
+    if "cache_position" in _MASK_PARAMS:
+        kwargs["cache_position"] = cache_position
+    if position_ids is not None:  # only ones the caller gave: transformers reads them to detect packed sequences
+        kwargs["position_ids"] = position_ids
+    return _hf_create_causal_mask(**kwargs)
+
+
 # torch >= 2.5: SDPA takes ``enable_gqa``. It is a builtin without an inspectable signature; its docstring names it.
 _SDPA_HAS_GQA = "enable_gqa" in (getattr(F.scaled_dot_product_attention, "__doc__", None) or "")
 
@@ -136,7 +176,8 @@ def _new_cache(config):
 
 
 def _is_cache(obj):
-    return isinstance(obj, _KVCache) or (_HFCache is not None and isinstance(obj, _HFCache))
+    return (isinstance(obj, _KVCache) or (_HFCache is not None and isinstance(obj, _HFCache))
+            or (_PagedCache is not None and isinstance(obj, _PagedCache)))
 
 
 def _reads_values():
@@ -340,9 +381,9 @@ def apply_rotary(x, cos, sin):
     return torch.cat((rotated, x_pass), dim=-1)
 
 
-def _eager_attention(q, k, v, mask, is_causal, dropout_p):
+def eager_attention_forward(q, k, v, mask, is_causal, dropout_p):
     """Reference attention with softmax in float32; also returns the probabilities ([b, heads, q, k]).
-    mask: bool [b, 1, q, k] (True = attend) or None."""
+    mask: [b, 1, q, k], bool (True = attend) or additive float (transformers' eager masks), or None."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -352,7 +393,7 @@ def _eager_attention(q, k, v, mask, is_causal, dropout_p):
         q_len, k_len = scores.shape[-2:]
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
@@ -379,15 +420,18 @@ def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal), None
 
 
-ATTENTION_FUNCTIONS = {"eager": _eager_attention, "sdpa": _sdpa_attention}
+# eager and SDPA are ours (same math as transformers'; ours keep the GQA-folded decode step). Every other
+# implementation the installed transformers registers (flex_attention, flash_attention_*, paged|eager, ...) goes
+# through its attention interface.
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": _sdpa_attention}
 
 
 def _attention_implementation(config):
     """The configured implementation (``config._attn_implementation``; SDPA where the version has no such field)."""
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
-    if impl not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation={impl!r} is not supported by ChatGLM; use one of "
-                         f"{sorted(ATTENTION_FUNCTIONS)}")
+    if impl not in ATTENTION_FUNCTIONS and (ALL_ATTENTION_FUNCTIONS is None or impl not in ALL_ATTENTION_FUNCTIONS):
+        known = sorted(set(ATTENTION_FUNCTIONS) | set(ALL_ATTENTION_FUNCTIONS or ()))
+        raise ValueError(f"attn_implementation={impl!r} is not supported by ChatGLM; use one of {known}")
     return impl
 
 
@@ -401,14 +445,19 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = config.num_attention_heads * self.head_dim
         self.kv_size = config.num_key_value_heads * self.head_dim
+        # read by transformers' attention functions
+        self.is_causal = True
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim ** -0.5
         self.query_key_value = _linear(
             config, config.hidden_size, self.q_size + 2 * self.kv_size,
             bias=config.add_bias_linear or config.add_qkv_bias, device=device)
         self.dense = _linear(config, self.q_size, config.hidden_size, bias=config.add_bias_linear, device=device)
 
     def forward(self, hidden_states, rotary, mask, is_causal, prefix_key=None, prefix_value=None,
-                past_key_values=None, output_attentions=False):
-        """hidden_states [b, s, hidden]; ``prefix_key/value``: this layer's p-tuning prefix when no cache holds it.
+                past_key_values=None, output_attentions=False, cache_position=None, attn_kwargs=None):
+        """hidden_states [b, s, hidden]; ``prefix_key/value``: this layer's p-tuning prefix when no cache holds it;
+        ``attn_kwargs``: what transformers passes to its caches and attention functions (paged attention indices).
         Returns (output [b, s, hidden], attention probabilities or None)."""
         b, s, _ = hidden_states.shape
         q, k, v = self.query_key_value(hidden_states).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -418,14 +467,23 @@ class SelfAttention(nn.Module):
         cos, sin = rotary
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        attn_kwargs = dict(attn_kwargs) if attn_kwargs else {}  # a paged cache rewrites its copy
         if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            k, v = _cache_update(past_key_values, k, v, self.layer_idx, cache_position, attn_kwargs)
         elif prefix_key is not None:
             k, v = torch.cat((prefix_key, k), dim=2), torch.cat((prefix_value, v), dim=2)
         impl = "eager" if output_attentions else _attention_implementation(self.config)
         dropout_p = self.config.attention_dropout if self.training else 0.0
-        out, probs = ATTENTION_FUNCTIONS[impl](q, k, v, mask, is_causal, dropout_p)
-        return self.dense(out.transpose(1, 2).reshape(b, s, -1)), probs
+        if impl in ATTENTION_FUNCTIONS:
+            out, probs = ATTENTION_FUNCTIONS[impl](q, k, v, mask, is_causal, dropout_p)
+            out = out.transpose(1, 2)
+        else:  # transformers' attention interface, called the way in-library models do: out [b, s, heads, head_dim]
+            if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5
+                attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+            else:
+                attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            out, probs = attention(self, q, k, v, mask, dropout=dropout_p, scaling=self.scaling, **attn_kwargs)
+        return self.dense(out.reshape(b, s, -1)), probs
 
 
 class MLP(nn.Module):
@@ -457,11 +515,12 @@ class GLMBlock(GradientCheckpointingLayer):
         self.mlp = MLP(config, device=device)
 
     def forward(self, hidden_states, rotary, mask, is_causal, prefix_key=None, prefix_value=None,
-                past_key_values=None, output_attentions=False):
+                past_key_values=None, output_attentions=False, cache_position=None, attn_kwargs=None):
         # The prefix comes as two positional tensors: checkpointing then keeps their gradients (p-tuning v2).
         normed = self.input_layernorm(hidden_states)
         attn, probs = self.self_attention(normed, rotary, mask, is_causal, prefix_key, prefix_value,
-                                          past_key_values=past_key_values, output_attentions=output_attentions)
+                                          past_key_values=past_key_values, output_attentions=output_attentions,
+                                          cache_position=cache_position, attn_kwargs=attn_kwargs)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         hidden_states = residual + F.dropout(attn, p=self.hidden_dropout, training=self.training)
         normed = self.post_attention_layernorm(hidden_states)
@@ -479,7 +538,7 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = _norm(config, device) if config.post_layer_norm else None
 
     def forward(self, hidden_states, rotary, mask, is_causal, prefixes=None, cache=None, output_hidden_states=False,
-                output_attentions=False, seq_first=False):
+                output_attentions=False, seq_first=False, cache_position=None, attn_kwargs=None):
         """Returns (final hidden states, per-layer inputs + last layer output or None, attention probs or None).
 
         With ``seq_first`` the collected hidden states are ``[seq, batch, hidden]`` views that the next layer
@@ -491,7 +550,8 @@ class GLMTransformer(nn.Module):
                 hidden_states = self._collect(all_hidden, hidden_states, seq_first)
             prefix = prefixes[i] if prefixes is not None else (None, None)
             hidden_states, probs = layer(hidden_states, rotary, mask, is_causal, *prefix, past_key_values=cache,
-                                         output_attentions=output_attentions)
+                                         output_attentions=output_attentions, cache_position=cache_position,
+                                         attn_kwargs=attn_kwargs)
             if all_probs is not None:
                 all_probs.append(probs)
         if all_hidden is not None:  # last layer's output, before the final norm (published contract)
@@ -547,7 +607,7 @@ _WEIGHT_FILE_RE = re.compile(
     r"\.index\.json")
 # Weights a checkpoint may lack: the rotary buffer (recomputed), new p-tuning prefixes, a fresh classification head.
 _MISSING_OK_RE = re.compile(r"(?:^|\.)(?:rotary_pos_emb\.inv_freq|prefix_encoder\..+|classifier_head\..+)$")
-REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py",
+REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py", "cpu_kernels.py",
                      "cuda_kernels.py", "tokenization_chatglm.py")
 
 
@@ -559,9 +619,13 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
-    _supports_attention_backend = False  # our own eager / SDPA functions, not transformers' attention interface
-    _supports_flash_attn = False
-    _supports_flash_attn_2 = False
+    # transformers' attention interface (flex, flash, paged) where the installed version has it
+    _supports_attention_backend = ALL_ATTENTION_FUNCTIONS is not None
+    _supports_flex_attn = ALL_ATTENTION_FUNCTIONS is not None
+    _supports_flash_attn = ALL_ATTENTION_FUNCTIONS is not None
+    _supports_flash_attn_2 = ALL_ATTENTION_FUNCTIONS is not None
+    _supports_static_cache = _hf_create_causal_mask is not None  # masks sized for a StaticCache
+    _can_compile_fullgraph = _hf_create_causal_mask is not None
     _keys_to_ignore_on_load_missing = [r"rotary_pos_emb\.inv_freq"]
 
     def _init_weights(self, module):
@@ -763,20 +827,24 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
 
     def past_length(self, cache):
-        """Tokens a cache holds, not counting the p-tuning prefix (which a used cache starts with)."""
-        held = cache.get_seq_length() if cache is not None else 0
-        return held - (self.pre_seq_len or 0) if held else 0
+        """Tokens a cache holds, not counting the p-tuning prefix (which a used cache starts with). An int, or a
+        0-d tensor for caches that count on the device (static caches), so that nothing is read back per token."""
+        if cache is None or (_PagedCache is not None and isinstance(cache, _PagedCache)):
+            return 0  # continuous batching gives positions and masks itself
+        held = cache.get_seq_length()
+        if not self.pre_seq_len:
+            return held
+        return held - self.pre_seq_len if held else 0
 
     # -- input checking -------------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
-        """Shapes and dtypes always; values (which read tensors back to the host) only at prefill."""
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len, prefill):
+        """Shapes and dtypes always; values (which read tensors back to the host) only at ``prefill``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
                             ("attention_mask", attention_mask), ("position_ids", position_ids)):
             if value is not None and not isinstance(value, torch.Tensor):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        prefill = past_len == 0 and _reads_values()
         if input_ids is not None:
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
@@ -798,9 +866,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 raise ValueError(f"inputs_embeds has dtype {inputs_embeds.dtype}, but the model runs in {expected}")
         if batch == 0 or seq == 0:
             raise ValueError(f"empty input: batch={batch}, seq={seq}")
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
-                    seq, past_len + seq):
+        if attention_mask is not None and attention_mask.dim() == 4:  # prepared by the caller (continuous batching)
+            if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq:
+                raise ValueError(f"a 4-D attention_mask must be [batch, 1, {seq}, keys], got "
+                                 f"{tuple(attention_mask.shape)}")
+            if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
+                raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or additive float, got dtype "
+                                 f"{attention_mask.dtype}")
+        elif attention_mask is not None:
+            # A cache counting on the device (static) has a tensor length: only the batch size is checked then.
+            lengths = (seq, past_len + seq) if isinstance(past_len, int) else (attention_mask.shape[1],)
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in lengths:
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {past_len + seq}] "
                     f"(batch, past + new tokens)")
@@ -831,6 +907,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         kv_len = past_len + seq
         if full_attention_mask is not None:  # published convention: True = masked
             return ~full_attention_mask.bool(), False
+        if attention_mask is not None and attention_mask.dim() == 4:  # already prepared (bool or additive)
+            return attention_mask, False
         prefix_len = self.pre_seq_len or 0
         if attention_mask is None:
             if seq == 1:
@@ -878,14 +956,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds.transpose(0, 1) if inputs_embeds is not None else None, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=True)
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=True, **kwargs)
         return outputs if return_dict else outputs.to_tuple()
 
     def run(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
             past_key_values=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
-            output_attentions=None, seq_first=False):
+            output_attentions=None, seq_first=False, cache_position=None, **attn_kwargs):
         """The decoder, batch-first: ``inputs_embeds`` [batch, seq, hidden]; outputs batch-first, or seq-first
-        views with ``seq_first=True`` (what ``forward`` returns). Both heads call this."""
+        views with ``seq_first=True`` (what ``forward`` returns). Both heads call this. ``cache_position`` (the
+        cache slots of the new tokens) and ``attn_kwargs`` come from transformers' generate / continuous
+        batching and go to the cache and the attention functions."""
         cfg = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
@@ -904,8 +984,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if use_cache and past is None:
             past = _new_cache(cfg)
 
+        paged = _PagedCache is not None and isinstance(past, _PagedCache)
+        prefix_len = self.pre_seq_len or 0
+        if prefix_len and (paged or getattr(past, "is_compileable", False)):
+            raise ValueError("a p-tuning v2 prefix needs a dynamic cache (DynamicCache), not "
+                             f"{type(past).__name__}")
         past_len = self.past_length(past)
-        batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
+        # Values are checked once, at prefill in eager mode: a decode step reads nothing back to the host.
+        prefill = not paged and isinstance(past_len, int) and past_len == 0 and _reads_values()
+        batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len, prefill)
         if inputs_embeds is None:
             if input_ids.dtype not in (torch.int32, torch.int64):  # uint8/int8/int16: nn.Embedding wants int32/64
                 input_ids = input_ids.long()
@@ -916,7 +1003,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         # P-tuning v2: the prefix keys/values come first. With a cache they are written into it once (and
         # ``past_length`` discounts them); without one each layer prepends its prefix.
-        prefix_len = self.pre_seq_len or 0
         prefixes = None
         if prefix_len and past_len == 0:
             prefixes = self.get_prompt(batch, device, hidden_states.dtype)
@@ -925,21 +1011,34 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                     past.update(k, v, i)
                 prefixes = None
 
+        if cache_position is None:
+            cache_position = torch.arange(seq, device=device) + past_len
+        given_positions = position_ids
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = self._positions_from_mask(attention_mask, seq)
             else:
-                position_ids = torch.arange(past_len, past_len + seq, device=device).unsqueeze(0)
-        if past_len == 0 and _reads_values() and int(position_ids.max()) >= self.seq_length:
+                position_ids = (torch.arange(seq, device=device) + past_len).unsqueeze(0)
+        if prefill and int(position_ids.max()) >= self.seq_length:
             logger.warning_once(f"a position is beyond config.seq_length ({self.seq_length}); rotary angles are "
                                 f"computed exactly, but the model was not trained that far")
         rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
-        mask, is_causal = self._attention_mask(
-            attention_mask, full_attention_mask, batch, seq, past_len + prefix_len, device)
+        if _hf_create_causal_mask is not None and full_attention_mask is None and not prefix_len:
+            # transformers' masks: sized for the cache (a static cache returns all its slots), in the format of
+            # the attention implementation (bool, additive, flex BlockMask), prepared 4-D masks passed through.
+            if (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == seq
+                    and isinstance(past_len, int) and past_len > 0):  # a mask for the new tokens only
+                attention_mask = torch.cat([attention_mask.new_ones(batch, past_len), attention_mask], dim=1)
+            mask = _causal_mask(cfg, hidden_states, attention_mask, past, cache_position, given_positions)
+            is_causal = mask is None and seq > 1
+        else:
+            mask, is_causal = self._attention_mask(
+                attention_mask, full_attention_mask, batch, seq, past_len + prefix_len, device)
 
         hidden_states, all_hidden, all_probs = self.encoder(
             hidden_states, rotary, mask, is_causal, prefixes=prefixes, cache=past,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=seq_first)
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=seq_first,
+            cache_position=cache_position, attn_kwargs=attn_kwargs)
         return _make_output(
             BaseModelOutputWithPast, last_hidden_state=hidden_states.transpose(0, 1) if seq_first else hidden_states,
             past_key_values=past if use_cache else None, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
@@ -994,210 +1093,15 @@ class ChatGLMBatchFirstModel(ChatGLMModel):
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions)
+            output_attentions=output_attentions, **kwargs)
         return outputs if return_dict else outputs.to_tuple()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Chat (the ChatGLM3 chat models share these files). Built on the public generate() API only.
-# ---------------------------------------------------------------------------------------------------------------------
-STOP_ROLES = ("<|user|>", "<|observation|>")
-
-
-class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """If a step's scores are broken (NaN, +Inf, or nothing finite left), replace them by a distribution that
-    picks token 5, as published. -Inf alone is normal: top-k/top-p and user processors use it to ban tokens."""
-
-    def __call__(self, input_ids, scores):
-        if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any(-1).all():
-            scores = torch.zeros_like(scores)
-            scores[..., 5] = 5e4
-        return scores
-
-
-def parse_tool_call(code: str) -> Dict[str, Any]:
-    """Parse ``tool_call(a=1, b="x")`` (optionally inside a ```python fence) into ``{"a": 1, "b": "x"}``.
-
-    Only keyword arguments with Python *literal* values are accepted (``ast.literal_eval``); model output is
-    never evaluated as code. Raises ``ValueError`` for anything else."""
-    lines = [line for line in code.strip().splitlines() if not line.strip().startswith("```")]
-    source = "\n".join(lines).strip()
-    try:
-        tree = ast.parse(source, mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"tool call is not valid syntax: {source!r}") from exc
-    call = tree.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-        raise ValueError(f"expected tool_call(...), got {source!r}")
-    if call.args or any(kw.arg is None for kw in call.keywords):
-        raise ValueError(f"tool_call takes keyword arguments only, got {source!r}")
-    params = {}
-    for kw in call.keywords:
-        try:
-            params[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError as exc:
-            raise ValueError(f"argument {kw.arg!r} of tool_call is not a literal") from exc
-    return params
-
-
-class ChatMixin:
-    """``chat`` / ``stream_chat`` for ChatGLM3 chat checkpoints (the base model only continues text)."""
-
-    def _chat_inputs(self, tokenizer, query, history, role):
-        if not isinstance(query, str):
-            raise ValueError(f"query must be a string, got {type(query).__name__}")
-        history = copy.deepcopy(history) if history else []
-        if not isinstance(history, list):
-            raise ValueError("history must be a list of {'role': ..., 'content': ...} dicts")
-        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
-        stop_ids = [tokenizer.eos_token_id] + [tokenizer.get_command(t) for t in STOP_ROLES]
-        return inputs, history, stop_ids
-
-    def _chat_generate_kwargs(self, stop_ids, max_length, do_sample, top_p, temperature, logits_processor, kwargs):
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(InvalidScoreLogitsProcessor())
-        gen = dict(max_length=max_length, do_sample=do_sample, eos_token_id=stop_ids, logits_processor=processors,
-                   pad_token_id=stop_ids[0])
-        if do_sample:
-            gen.update(top_p=top_p, temperature=temperature)
-        gen.update(kwargs)
-        if "max_new_tokens" in gen:
-            gen.pop("max_length")
-        return gen
-
-    @staticmethod
-    def _strip_stop(tokens, stop_ids):
-        """Drop the final token only if it is a stop token (the last real token survives a length stop)."""
-        if len(tokens) and int(tokens[-1]) in stop_ids:
-            tokens = tokens[:-1]
-        return tokens
-
-    def process_response(self, output: str, history: List[dict]):
-        """Split a decoded reply into assistant turns; a tool call becomes ``{"name", "parameters"}``."""
-        content = ""
-        history = copy.deepcopy(history)
-        for segment in output.split("<|assistant|>"):
-            if not segment.strip():
-                continue
-            metadata, sep, content = segment.partition("\n")
-            if not sep:  # no header line: the whole segment is content
-                metadata, content = "", segment
-            metadata = metadata.strip()
-            content = content.strip()
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            if metadata:
-                tools_given = bool(history) and history[0].get("role") == "system" and "tools" in history[0]
-                if tools_given:
-                    try:
-                        content = {"name": metadata, "parameters": parse_tool_call(content)}
-                    except ValueError:
-                        content = {"name": metadata, "content": content}
-                else:
-                    content = {"name": metadata, "content": content}
-        return content, history
-
-    @torch.inference_mode()
-    def chat(self, tokenizer, query: str, history: Optional[List[dict]] = None, role: str = "user",
-             max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
-             temperature: float = 0.8, logits_processor=None, **kwargs):
-        """One chat turn. Returns ``(response, new_history)``; ``history`` itself is not modified.
-        ``response`` is a string, or a dict ``{"name", "parameters"}`` when the model calls a tool."""
-        inputs, history, stop_ids = self._chat_inputs(tokenizer, query, history, role)
-        gen = self._chat_generate_kwargs(stop_ids, max_length, do_sample, top_p, temperature, logits_processor,
-                                         dict(kwargs, num_beams=num_beams))
-        outputs = self.generate(**inputs, **gen)
-        tokens = self._strip_stop(outputs[0, inputs["input_ids"].shape[1]:].tolist(), stop_ids)
-        response = tokenizer.decode(tokens)
-        history.append({"role": role, "content": query})
-        return self.process_response(response, history)
-
-    @torch.inference_mode()
-    def stream_chat(self, tokenizer, query: str, history: Optional[List[dict]] = None, role: str = "user",
-                    past_key_values=None, max_length: int = 8192, do_sample: bool = True, top_p: float = 0.8,
-                    temperature: float = 0.8, logits_processor=None, return_past_key_values: bool = False,
-                    **kwargs):
-        """Yield ``(response_so_far, new_history)`` (plus the cache with ``return_past_key_values=True``) as
-        tokens arrive. Passing back the returned cache as ``past_key_values`` continues the conversation
-        without recomputing it (then ``history`` is not re-encoded, as in the published code)."""
-        if past_key_values is not None:
-            past_ids = getattr(past_key_values, "_chatglm_token_ids", None)
-            if past_ids is None:
-                raise ValueError("past_key_values must be the cache returned by stream_chat(..., "
-                                 "return_past_key_values=True)")
-            inputs, _, stop_ids = self._chat_inputs(tokenizer, query, None, role)
-            history = copy.deepcopy(history) if history else []
-            ids = torch.cat([past_ids.to(self.device), inputs["input_ids"]], dim=1)
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        else:
-            inputs, history, stop_ids = self._chat_inputs(tokenizer, query, history, role)
-            inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        gen = self._chat_generate_kwargs(stop_ids, max_length, do_sample, top_p, temperature, logits_processor,
-                                         kwargs)
-        cache = past_key_values if past_key_values is not None else _new_cache(self.config)
-        prompt_len = inputs["input_ids"].shape[1]
-        streamer = _TokenQueue()
-        result = {}
-
-        def run():
-            try:
-                result["ids"] = self.generate(**inputs, **gen, **{_CACHE_FIELD: cache}, streamer=streamer)
-            except BaseException as exc:  # surfaced in the consuming thread
-                result["error"] = exc
-            finally:
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        tokens: List[int] = []
-        history.append({"role": role, "content": query})
-        last = None
-        for new in streamer:
-            tokens.extend(new)
-            response = tokenizer.decode(self._strip_stop(tokens, stop_ids))
-            if response and not response.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                last = response
-                reply, new_history = self.process_response(response, history)
-                yield (reply, new_history, cache) if return_past_key_values else (reply, new_history)
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        cache._chatglm_token_ids = result["ids"].detach()
-        response = tokenizer.decode(self._strip_stop(result["ids"][0, prompt_len:].tolist(), stop_ids))
-        if response != last:
-            reply, new_history = self.process_response(response, history)
-            yield (reply, new_history, cache) if return_past_key_values else (reply, new_history)
-
-
-class _TokenQueue:
-    """A minimal streamer: ``generate`` puts token tensors, the consumer iterates lists of new token ids."""
-
-    def __init__(self):
-        import queue
-
-        self._queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate first puts the prompt
-            self._prompt_seen = True
-            return
-        self._queue.put(value.reshape(-1).tolist())
-
-    def end(self):
-        self._queue.put(None)
-
-    def __iter__(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            yield item
 
 
 class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM3 with its language-model head (``output_layer``). Logits are ``[batch, seq, vocab]``."""
 
     _tied_weights_keys = {}
+    _cache_argument = _CACHE_FIELD  # generate()'s name for the cache (chat code passes one)
 
     def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
         super().__init__(config)
@@ -1209,6 +1113,9 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
     @property
     def quantized(self):
         return bool(self.config.quantization_bit)
+
+    def _new_cache(self):
+        return _new_cache(self.config)
 
     def get_decoder(self):
         """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
@@ -1246,11 +1153,14 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         outputs = self.transformer.run(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            **kwargs)
         hidden_states = outputs.last_hidden_state
         if return_last_logit:
             logits_to_keep = 1
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep (continuous batching)
+            hidden_states = hidden_states[:, logits_to_keep]
+        elif logits_to_keep:  # the last n positions
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.transformer.output_layer(hidden_states)
 

@@ -52,7 +52,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
+CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
               "tokenization_chatglm.py"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WIDTH = dict(hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv_channels=128,
@@ -361,7 +361,7 @@ class Stamps:
         return scores
 
 
-def run_generate(model, ids, n, sync):
+def run_generate(model, ids, n, sync, **generate_kwargs):
     from transformers import LogitsProcessorList
 
     stamps = Stamps(sync)
@@ -371,7 +371,7 @@ def run_generate(model, ids, n, sync):
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n,
                              max_new_tokens=n, logits_processor=LogitsProcessorList([stamps]), pad_token_id=0,
-                             eos_token_id=None, num_beams=1, use_cache=True)
+                             eos_token_id=None, num_beams=1, use_cache=True, **generate_kwargs)
     sync()
     t1 = time.perf_counter()
     assert out.shape[1] == ids.shape[1] + n, out.shape
@@ -479,6 +479,15 @@ def bench(args):
                 rows.append({"model": label, "dtype": f"{dname}+int{spec}", "skipped": f"{type(e).__name__}: {e}"})
                 q = None
             gc.collect()
+        generate_kwargs = {}
+        if args.compile and not args.native_only:
+            # the last --code-dir with a static cache and ``forward`` compiled with fullgraph=True (the warm-up
+            # round compiles)
+            label = f"{labels[-1]}-static-compiled"
+            compiled = load_ours(folders[-1], dtype, device)
+            compiled.forward = torch.compile(compiled.forward, fullgraph=True)
+            variants.append((label, compiled, dname))
+            generate_kwargs[label] = {"cache_implementation": "static"}
         wbytes = {label: weight_bytes_per_token(model) for label, model, _ in variants}  # before any (pre)packing
         for label, model, kind in variants:
             log(f"  {label}: {wbytes[label] / 1e9:.3f} GB weights read per token, rss {rss_mb():.0f} MB")
@@ -493,7 +502,7 @@ def bench(args):
                 for label, model, _ in order:
                     gc.collect()
                     # prefill: generate 1 token (prefill + last-position logits)
-                    t0, st, t1, _ = run_generate(model, ids, 1, sync)
+                    t0, st, t1, _ = run_generate(model, ids, 1, sync, **generate_kwargs.get(label, {}))
                     if r:
                         res[label]["prefill"].append(t1 - t0)
                     # decode: one run of nmax tokens, timestamps per token
@@ -502,7 +511,9 @@ def bench(args):
                     reset_peak_rss()
                     if device.startswith("cuda"):
                         torch.cuda.reset_peak_memory_stats()
-                    t0, st, t1, toks = run_generate(model, ids, nmax if r else min(nmax, 4), sync)  # short warm-up
+                    warm = nmax if label in generate_kwargs else min(nmax, 4)  # compile for the timed shapes
+                    t0, st, t1, toks = run_generate(model, ids, nmax if r else warm, sync,  # short warm-up
+                                                    **generate_kwargs.get(label, {}))
                     peak = (torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else peak_rss_mb()
                     if r:
                         ct = run_generate.cpu_times
@@ -778,6 +789,8 @@ def parse_args(argv=None):
     p.add_argument("--code-dir", action="append", help="folder with the package's code files (repeatable; "
                    "default: the repository). Several: benchmarked against each other")
     p.add_argument("--labels", help="comma list of labels for the --code-dir values")
+    p.add_argument("--compile", action="store_true", help="also this package with cache_implementation='static' and "
+                   "forward = torch.compile(forward, fullgraph=True)")
     p.add_argument("--no-native", action="store_true", help="only this package (e.g. --layers 28: one model at a time)")
     p.add_argument("--native-only", action="store_true", help="only transformers' GlmForCausalLM")
     p.add_argument("--seed", type=int, default=0)

@@ -45,7 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ROPE_BASE = 10000.0
-CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
+CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
               "tokenization_chatglm.py")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "added_tokens.json", "tokenization_chatglm.py")

@@ -12,7 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = Path(os.environ.get("CHATGLM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
+CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
               "tokenization_chatglm.py"]
 
 try:

@@ -319,7 +319,7 @@ def test_save_pretrained_copies_remote_code(tiny_model, tmp_path):
     import subprocess
     import sys
     tiny_model.save_pretrained(tmp_path / "saved")
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py"):
+    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py"):
         assert (tmp_path / "saved" / name).exists(), name
     cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"

@@ -319,3 +319,119 @@ def test_base_model_view_is_the_same_module(tiny_dir):
     with torch.no_grad():
         out = cls_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert out.shape == (*ids.shape, TINY_CONFIG["hidden_size"])
+
+
+# -- static cache, torch.compile, the attention interface, continuous batching ------------------------------------------
+def _skip_without_static_cache(model):
+    if not getattr(model, "_supports_static_cache", False):
+        pytest.skip("this transformers has no create_causal_mask (masks sized for a StaticCache)")
+
+
+@needs_glm
+def test_static_cache_generate_matches_transformers_glm(tiny_model):
+    _skip_without_static_cache(tiny_model)
+    ids, mask = left_padded_batch()
+    ref = build_glm(tiny_model).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5,
+                                         pad_token_id=0)
+    out = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5, pad_token_id=0,
+                              cache_implementation="static")
+    assert torch.equal(out, ref)
+
+
+@needs_glm
+def test_compiled_static_decode_has_no_graph_break_or_per_token_recompile(tiny_dir):
+    model = load_model(tiny_dir)
+    _skip_without_static_cache(model)
+    assert model._can_compile_fullgraph
+    ids, mask = left_padded_batch()
+    new = 8
+    ref = build_glm(model).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                    pad_token_id=0)
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward, fullgraph=True)  # a graph break raises
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=0,
+                         cache_implementation="static")
+    assert torch.equal(out, ref)
+    # prefill, the first decode step, and decode once the mask length is dynamic; one per token would make ~new
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+def test_prepared_4d_masks_equal_the_2d_mask(tiny_model):
+    ids, mask = left_padded_batch()
+    seq = ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    keep = keep | ~mask.bool()[:, None, :, None]  # padding rows attend everywhere (their outputs are unused)
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    valid = mask.bool()
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for prepared in (keep, additive):
+            out = tiny_model(input_ids=ids, attention_mask=prepared, position_ids=positions, use_cache=False).logits
+            torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_keep_takes_positions(tiny_model):
+    ids = torch.tensor([[5, 9, 33, 17, 4, 8]])
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids).logits
+        kept = tiny_model(input_ids=ids, logits_to_keep=torch.tensor([1, 4])).logits
+        last = tiny_model(input_ids=ids, logits_to_keep=2).logits
+    torch.testing.assert_close(kept, full[:, [1, 4]])
+    torch.testing.assert_close(last, full[:, -2:])
+
+
+def test_p_tuning_with_a_static_cache_is_a_clear_error(tmp_path):
+    model = load_model(make_model_dir(tmp_path, pre_seq_len=3))
+    _skip_without_static_cache(model)
+    with pytest.raises(ValueError, match="p-tuning"):
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False,
+                       cache_implementation="static")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_continuous_batching_gives_each_prompt_its_greedy_tokens(tiny_dir, impl):
+    model = load_model(tiny_dir, attn_implementation=impl)
+    if not hasattr(model, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching (generate_batch)")
+    from transformers import GenerationConfig
+
+    prompts = [[5, 6, 7, 8, 9], [3, 4, 5], [10, 11, 12, 13, 14, 15, 16], [99]]
+    new = 6
+    eos = TINY_CONFIG["eos_token_id"]
+
+    def until_eos(tokens):
+        tokens = list(tokens)[:new]
+        return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+    expected = {}
+    for p in prompts:  # each prompt alone through the ordinary generate()
+        alone = model.generate(input_ids=torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=0)
+        expected[tuple(p)] = until_eos(alone[0, len(p):].tolist())
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config)
+    got = {tuple(o.prompt_ids): until_eos(o.generated_tokens) for o in outputs.values()}
+    assert got == expected
+    assert all(len(v) for v in got.values())
+
+
+@pytest.mark.parametrize("mode", ["assisted", "prompt_lookup"])
+def test_candidate_decoding_gives_the_greedy_tokens(tiny_model, tmp_path, mode):
+    ids = torch.tensor([[5, 9, 33, 17, 4, 5, 9, 33]])
+    plain = tiny_model.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    from transformers import GenerationConfig
+
+    if mode == "assisted":
+        extra = {"assistant_model": load_model(make_model_dir(tmp_path, seed=1, num_layers=1))}
+    else:
+        if not hasattr(GenerationConfig(), "prompt_lookup_num_tokens"):
+            pytest.skip("this transformers has no prompt lookup decoding")
+        extra = {"prompt_lookup_num_tokens": 3}
+    out = tiny_model.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=0,
+                              return_dict_in_generate=True, output_hidden_states=True, **extra)
+    assert torch.equal(out.sequences, plain)
+    assert out.hidden_states and all(h is not None for step in out.hidden_states for h in step)
