@@ -899,6 +899,19 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         return positions[:, -seq:]
 
+    @staticmethod
+    def _padding_queries_attend_everywhere(mask, attention_mask, seq):
+        """The published rule for padding positions (original code, diffusers' bundled Kolors encoder): a padding
+        query attends to every key, so its row is never empty and its hidden states are those the original gives
+        (Kolors feeds the padded rows of ``hidden_states[-2]`` to its UNet, bit for bit). Applied to transformers'
+        bool (SDPA) or additive (eager) masks; no host read."""
+        if not isinstance(mask, torch.Tensor) or attention_mask is None or attention_mask.dim() != 2:
+            return mask
+        pad_query = ~attention_mask[:, -seq:].bool()[:, None, :, None]  # [b, 1, seq, 1]
+        if mask.dtype == torch.bool:
+            return mask | pad_query
+        return mask.masked_fill(pad_query, 0.0)
+
     def _attention_mask(self, attention_mask, full_attention_mask, batch, seq, past_len, device):
         """Return (mask, is_causal). mask is bool [b, 1, seq, kv_len], True = attend, or None.
 
@@ -1030,6 +1043,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                     and isinstance(past_len, int) and past_len > 0):  # a mask for the new tokens only
                 attention_mask = torch.cat([attention_mask.new_ones(batch, past_len), attention_mask], dim=1)
             mask = _causal_mask(cfg, hidden_states, attention_mask, past, cache_position, given_positions)
+            mask = self._padding_queries_attend_everywhere(mask, attention_mask, seq)
             is_causal = mask is None and seq > 1
         else:
             mask, is_causal = self._attention_mask(
