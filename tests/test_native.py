@@ -435,3 +435,24 @@ def test_candidate_decoding_gives_the_greedy_tokens(tiny_model, tmp_path, mode):
                               return_dict_in_generate=True, output_hidden_states=True, **extra)
     assert torch.equal(out.sequences, plain)
     assert out.hidden_states and all(h is not None for step in out.hidden_states for h in step)
+
+
+def test_padding_rows_follow_the_published_mask_rule(tiny_dir):
+    """Left-padded rows: every position, padding included, equals the original code's mask (written here as the
+    published get_masks does: causal and key padding, and a padding query attends to every key). Kolors feeds those
+    padded rows of hidden_states[-2] to its UNet."""
+    model = load_model(tiny_dir)
+    ids, mask = left_padded_batch()
+    seq = ids.shape[1]
+    full = torch.ones(ids.shape[0], seq, seq).tril_() * mask[:, None, :]
+    full = full - (mask[:, :, None] - 1)
+    published = (full < 0.5)[:, None]  # True = masked, the published convention
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what the tokenizer gives a left-padded batch
+    with torch.no_grad():
+        got = model.transformer(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                                use_cache=False)
+        ref = model.transformer(input_ids=ids, full_attention_mask=published, position_ids=positions,
+                                output_hidden_states=True, use_cache=False)
+    for a, b in zip(got.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
