@@ -6,9 +6,16 @@ Added on top: ``rope_ratio`` (the 32k/128k variants), ``original_rope`` (declare
 ``num_hidden_layers`` as an alias of ``num_layers`` (transformers' caches read it), ``quantize_output_layer``
 (this package's optional quantized ``output_layer``; the original code cannot load such checkpoints), and validation.
 """
+import os
+
 from transformers import PretrainedConfig
 
 SUPPORTED_QUANTIZATION_BITS = (0, 4, 8)
+# The ``_name_or_path`` of the published config.json. Converters recognise ChatGLM3 by it (llama.cpp's
+# convert_hf_to_gguf.py picks the ChatGLM3 SentencePiece vocabulary when it contains "THUDM/chatglm3-6b", and
+# the GLM-4 path, which fails on these files, otherwise), so saved folders keep such a name.
+PUBLISHED_NAME_OR_PATH = "THUDM/chatglm3-6b-base"
+CONVERTER_MARK = "THUDM/chatglm3-6b"
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -111,6 +118,23 @@ class ChatGLMConfig(PretrainedConfig):
             raise ValueError("quantize_output_layer=true cannot be combined with tie_word_embeddings=true: the "
                              "output layer's weight is then the (unquantized) input embedding table")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def saved_name_or_path(self):
+        """The ``_name_or_path`` written to config.json: the hub id the config was loaded from when it names a
+        ChatGLM3-6B checkpoint (``THUDM/chatglm3-6b``, ``-base``, ``-32k``, ...), else the published base
+        checkpoint's id. Never a local path (transformers 5 / 4.57 drop the field on save, 4.30 writes the local
+        folder): either way the saved folder would no longer be recognised as ChatGLM3 by converters."""
+        name = str(getattr(self, "_name_or_path", "") or "")
+        if CONVERTER_MARK in name and not os.path.exists(name):
+            return name
+        return PUBLISHED_NAME_OR_PATH
+
+    def to_diff_dict(self):
+        """What ``save_pretrained`` / ``to_json_string`` write: the library's diff, plus ``_name_or_path`` as the
+        published config.json carries it (see ``saved_name_or_path``)."""
+        out = super().to_diff_dict()
+        out["_name_or_path"] = self.saved_name_or_path()
+        return out
 
     @property
     def num_key_value_heads(self):

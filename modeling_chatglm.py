@@ -659,6 +659,16 @@ class ChatGLMPreTrainedModel(CheckpointIO, PreTrainedModel):
             if isinstance(module, GLMBlock):
                 module.gradient_checkpointing = value
 
+    @property
+    def base_model(self):
+        """transformers' accessor of the body without the head. For the heads it is a batch-first view of
+        ``self.transformer`` (``ChatGLMBatchFirstModel``: the same module, parameters and hooks, whose ``forward``
+        returns ``[batch, seq, hidden]`` like every in-library base model), so generic code that runs
+        ``model.base_model(**batch).last_hidden_state`` (TRL's fused LM head) works; ``model.transformer`` itself
+        keeps the published seq-first contract. A bare ``ChatGLMModel`` is its own base model (seq-first)."""
+        body = None if isinstance(self, ChatGLMModel) else self.__dict__.get("_modules", {}).get("transformer")
+        return self if body is None else ChatGLMBatchFirstModel.view_of(body)
+
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
     """The bare transformer (``model.transformer``). Outputs are seq-first ``[seq, batch, hidden]``."""
@@ -780,6 +790,19 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def _positions_from_mask(attention_mask, seq):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         return positions[:, -seq:]
+
+    @staticmethod
+    def _padding_queries_attend_everywhere(mask, attention_mask, seq):
+        """The published rule for padding positions (original code, diffusers' bundled Kolors encoder): a padding
+        query attends to every key, so its row is never empty and its hidden states are those the original gives
+        (Kolors feeds the padded rows of ``hidden_states[-2]`` to its UNet, bit for bit). Applied to transformers'
+        bool (SDPA) or additive (eager) masks; no host read."""
+        if not isinstance(mask, torch.Tensor) or attention_mask is None or attention_mask.dim() != 2:
+            return mask
+        pad_query = ~attention_mask[:, -seq:].bool()[:, None, :, None]  # [b, 1, seq, 1]
+        if mask.dtype == torch.bool:
+            return mask | pad_query
+        return mask.masked_fill(pad_query, 0.0)
 
     def _attention_mask(self, attention_mask, full_attention_mask, batch, seq, past_len, device):
         """Return (mask, is_causal). mask is bool [b, 1, seq, kv_len], True = attend, or None.
@@ -912,6 +935,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                     and isinstance(past_len, int) and past_len > 0):  # a mask for the new tokens only
                 attention_mask = torch.cat([attention_mask.new_ones(batch, past_len), attention_mask], dim=1)
             mask = _causal_mask(cfg, hidden_states, attention_mask, past, cache_position, given_positions)
+            mask = self._padding_queries_attend_everywhere(mask, attention_mask, seq)
             is_causal = mask is None and seq > 1
         else:
             mask, is_causal = self._attention_mask(
@@ -929,6 +953,54 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def quantize(self, bits: int, **kwargs):
         """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
         return quantize(self.unpack_weights(), bits, **kwargs)
+
+
+class ChatGLMBatchFirstModel(ChatGLMModel):
+    """A batch-first view of a ``ChatGLMModel``: what the heads' ``base_model`` and ``get_decoder()`` return.
+
+    It shares the viewed model's whole state (one ``__dict__``: submodules, parameters, buffers, config, hooks,
+    training flag), so reading or changing it reads or changes the model; it is never registered as a submodule
+    and adds nothing to ``state_dict``. Only ``forward`` differs: ``inputs_embeds`` and every output are
+    ``[batch, seq, ...]`` (``ChatGLMModel.run``), as for transformers' own base models."""
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError("ChatGLMBatchFirstModel is a view, not built on its own: use model.base_model / "
+                         "model.get_decoder(), or ChatGLMBatchFirstModel.view_of(chatglm_model)")
+
+    @classmethod
+    def view_of(cls, model):
+        if not isinstance(model, ChatGLMModel):
+            raise ValueError(f"view_of needs a ChatGLMModel, got {type(model).__name__}")
+        if isinstance(model, cls):
+            return model
+        view = object.__new__(cls)
+        object.__setattr__(view, "__dict__", model.__dict__)
+        return view
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        full_attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        output_attentions=None,
+        cache=None,
+        **kwargs,
+    ):
+        """Batch-first: ``inputs_embeds`` [batch, seq, hidden]; ``last_hidden_state`` and ``hidden_states``
+        [batch, seq, hidden]."""
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.run(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, **kwargs)
+        return outputs if return_dict else outputs.to_tuple()
 
 
 class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
@@ -950,6 +1022,10 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
 
     def _new_cache(self):
         return _new_cache(self.config)
+
+    def get_decoder(self):
+        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
+        return self.base_model
 
     def get_output_embeddings(self):
         layer = self.transformer.output_layer
@@ -1126,6 +1202,10 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
         self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
         self.post_init()
+
+    def get_decoder(self):
+        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
+        return self.base_model
 
     def forward(
         self,

@@ -315,7 +315,10 @@ def chatglm_config_from_glm(glm, template=None):
     kv_heads = glm.get("num_key_value_heads") or heads
     head_dim = glm.get("head_dim") or glm["hidden_size"] // heads
     cfg = OrderedDict(template or {})
-    cfg.pop("_name_or_path", None)
+    # Converters (llama.cpp's convert_hf_to_gguf.py) recognise ChatGLM3 by this name, as in the published config.json.
+    if "THUDM/chatglm3-6b" not in str(cfg.get("_name_or_path", "")):
+        cfg["_name_or_path"] = "THUDM/chatglm3-6b-base"
+        cfg.move_to_end("_name_or_path", last=False)
     values = dict(
         add_bias_linear=False,
         add_qkv_bias=bool(glm.get("attention_bias", True)),

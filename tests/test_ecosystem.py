@@ -129,6 +129,7 @@ def test_convert_round_trip_gives_identical_state_dict(tmp_path):
         assert back[key].dtype == original[key].dtype and torch.equal(back[key], original[key]), key
     back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     src_cfg = json.loads((src / "config.json").read_text())
+    assert back_cfg["_name_or_path"] == "THUDM/chatglm3-6b-base"  # what llama.cpp's converter recognises
     for key in ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
                 "num_attention_heads", "multi_query_group_num", "seq_length", "rope_ratio", "add_qkv_bias",
                 "layernorm_epsilon", "auto_map", "eos_token_id", "pad_token_id"):

@@ -288,6 +288,33 @@ def test_positions_beyond_seq_length_work_with_one_warning(tmp_path, caplog):
         torch.testing.assert_close(long_model(input_ids=ids).logits, full)
 
 
+@pytest.mark.parametrize("loaded_as, written", [
+    (None, "THUDM/chatglm3-6b-base"),  # a local folder: never written, the published name instead
+    ("THUDM/chatglm3-6b-32k", "THUDM/chatglm3-6b-32k"),  # a ChatGLM3-6B hub id is kept
+    ("someone/my-fine-tune", "THUDM/chatglm3-6b-base"),
+])
+def test_saved_config_keeps_a_name_converters_recognise(tiny_dir, tmp_path, loaded_as, written):
+    """llama.cpp's converter recognises ChatGLM3 by ``_name_or_path`` (as in the published config.json); the
+    library drops the field (5.x, 4.57) or writes the local folder (4.30) on save."""
+    from transformers import AutoConfig
+
+    model = load_model(tiny_dir)
+    assert model.config.name_or_path == str(tiny_dir)
+    if loaded_as:
+        model.config.name_or_path = loaded_as
+    model.save_pretrained(tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert cfg["_name_or_path"] == written
+    # transformers' own behaviours are unchanged: the loaded name is the folder, to_dict keeps the live value
+    again = load_model(tmp_path / "saved")
+    assert again.config.name_or_path == str(tmp_path / "saved")
+    assert again.config.to_dict()["_name_or_path"] == str(tmp_path / "saved")
+    assert AutoConfig.from_pretrained(tmp_path / "saved", trust_remote_code=True).num_layers == cfg["num_layers"]
+    with torch.no_grad():
+        ids = torch.tensor([[3, 4, 5]])
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_save_pretrained_copies_remote_code(tiny_model, tmp_path):
     import subprocess
     import sys

@@ -276,6 +276,51 @@ def test_torch_export_gives_eager_logits(tiny_model):
         torch.testing.assert_close(logits[valid], ref[valid])
 
 
+@needs_glm
+def test_base_model_is_batch_first_and_transformer_stays_seq_first(tiny_dir):
+    """``model.base_model`` / ``get_decoder()`` of the heads (what generic code such as TRL's fused LM head calls)
+    are batch-first like transformers' GlmModel; ``model.transformer`` keeps the published seq-first contract.
+    The view is the same module: no new parameters or state_dict keys, and changes to it are changes to the model."""
+    model = load_model(tiny_dir)
+    glm = build_glm(model)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = glm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        body = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        seq_first = model.transformer(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert body.last_hidden_state.shape == (*ids.shape, TINY_CONFIG["hidden_size"])
+    torch.testing.assert_close(body.last_hidden_state[real], ref.last_hidden_state[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(body.hidden_states[0], ref.hidden_states[0])
+    torch.testing.assert_close(from_embeds, body.last_hidden_state)
+    assert seq_first.last_hidden_state.shape == (ids.shape[1], ids.shape[0], TINY_CONFIG["hidden_size"])
+    torch.testing.assert_close(seq_first.last_hidden_state.transpose(0, 1), body.last_hidden_state)
+
+
+def test_base_model_view_is_the_same_module(tiny_dir):
+    model = load_model(tiny_dir)
+    ids, mask = left_padded_batch()
+    view = model.base_model
+    assert isinstance(view, type(model.transformer)) and view is not model.transformer
+    assert model.transformer.base_model is model.transformer  # a bare ChatGLMModel is its own (seq-first) body
+    assert dict(view.named_parameters()) == dict(model.transformer.named_parameters())
+    assert sorted(model.state_dict()) == sorted(load_model(tiny_dir).state_dict())
+    assert model.get_input_embeddings() is model.transformer.embedding.word_embeddings
+    model.train()
+    assert model.base_model.training
+    model.eval()
+    with pytest.raises(ValueError, match="view"):
+        type(view)(model.config)
+    with pytest.raises(ValueError, match="ChatGLMModel"):
+        type(view).view_of(model)
+    cls_model = load_model(tiny_dir, cls="AutoModelForSequenceClassification", num_labels=2)
+    with torch.no_grad():
+        out = cls_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert out.shape == (*ids.shape, TINY_CONFIG["hidden_size"])
+
+
 # -- static cache, torch.compile, the attention interface, continuous batching ------------------------------------------
 def _skip_without_static_cache(model):
     if not getattr(model, "_supports_static_cache", False):
@@ -408,3 +453,24 @@ def test_candidate_decoding_gives_the_greedy_tokens(tiny_model, tmp_path, mode):
                               return_dict_in_generate=True, output_hidden_states=True, **extra)
     assert torch.equal(out.sequences, plain)
     assert out.hidden_states and all(h is not None for step in out.hidden_states for h in step)
+
+
+def test_padding_rows_follow_the_published_mask_rule(tiny_dir):
+    """Left-padded rows: every position, padding included, equals the original code's mask (written here as the
+    published get_masks does: causal and key padding, and a padding query attends to every key). Kolors feeds those
+    padded rows of hidden_states[-2] to its UNet."""
+    model = load_model(tiny_dir)
+    ids, mask = left_padded_batch()
+    seq = ids.shape[1]
+    full = torch.ones(ids.shape[0], seq, seq).tril_() * mask[:, None, :]
+    full = full - (mask[:, :, None] - 1)
+    published = (full < 0.5)[:, None]  # True = masked, the published convention
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what the tokenizer gives a left-padded batch
+    with torch.no_grad():
+        got = model.transformer(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                                use_cache=False)
+        ref = model.transformer(input_ids=ids, full_attention_mask=published, position_ids=positions,
+                                output_hidden_states=True, use_cache=False)
+    for a, b in zip(got.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
