@@ -673,6 +673,8 @@ class ChatGLMPreTrainedModel(CheckpointIO, PreTrainedModel):
 class ChatGLMModel(ChatGLMPreTrainedModel):
     """The bare transformer (``model.transformer``). Outputs are seq-first ``[seq, batch, hidden]``."""
 
+    seq_first = True  # the published layout of forward's inputs_embeds and outputs
+
     def __init__(self, config: ChatGLMConfig, device=None, empty_init=True):
         super().__init__(config)
         self.num_layers = config.num_layers
@@ -855,13 +857,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cache=None,
         **kwargs,
     ):
-        """The published interface: ``inputs_embeds`` and every output are seq-first ``[seq, batch, hidden]``."""
+        """The published interface: ``inputs_embeds`` and every output are seq-first ``[seq, batch, hidden]``
+        (batch-first for the ``ChatGLMBatchFirstModel`` view)."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        if self.seq_first and inputs_embeds is not None:
+            inputs_embeds = inputs_embeds.transpose(0, 1)
         outputs = self.run(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds.transpose(0, 1) if inputs_embeds is not None else None, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=True, **kwargs)
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, seq_first=self.seq_first, **kwargs)
         return outputs if return_dict else outputs.to_tuple()
 
     def run(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
@@ -963,6 +968,8 @@ class ChatGLMBatchFirstModel(ChatGLMModel):
     and adds nothing to ``state_dict``. Only ``forward`` differs: ``inputs_embeds`` and every output are
     ``[batch, seq, ...]`` (``ChatGLMModel.run``), as for transformers' own base models."""
 
+    seq_first = False
+
     def __init__(self, *args, **kwargs):
         raise ValueError("ChatGLMBatchFirstModel is a view, not built on its own: use model.base_model / "
                          "model.get_decoder(), or ChatGLMBatchFirstModel.view_of(chatglm_model)")
@@ -976,31 +983,6 @@ class ChatGLMBatchFirstModel(ChatGLMModel):
         view = object.__new__(cls)
         object.__setattr__(view, "__dict__", model.__dict__)
         return view
-
-    def forward(
-        self,
-        input_ids=None,
-        position_ids=None,
-        attention_mask=None,
-        full_attention_mask=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_hidden_states=None,
-        return_dict=None,
-        output_attentions=None,
-        cache=None,
-        **kwargs,
-    ):
-        """Batch-first: ``inputs_embeds`` [batch, seq, hidden]; ``last_hidden_state`` and ``hidden_states``
-        [batch, seq, hidden]."""
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        outputs = self.run(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            full_attention_mask=full_attention_mask, past_key_values=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, **kwargs)
-        return outputs if return_dict else outputs.to_tuple()
 
 
 class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):

@@ -743,6 +743,11 @@ class ChatGLMTokenizerFast(_ChatGLMTokenizerMixin, _PythonEncodePipeline, PreTra
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
         return kwargs  # (5.x) the backend is built in __init__, not by transformers' SentencePiece converter
 
+    def _convert_id_to_token(self, index: int) -> str:
+        # as the slow class (and the published code): "" for the padded embedding rows, which have no token
+        # (llama.cpp's converter walks every id up to padded_vocab_size through this method)
+        return self.tokenizer.convert_id_to_token(index)
+
     @property
     def can_save_slow_tokenizer(self) -> bool:
         return bool(self.vocab_file) and os.path.isfile(self.vocab_file)
