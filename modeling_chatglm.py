@@ -879,9 +879,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cfg = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
-        if output_attentions and _attention_implementation(cfg) != "eager":
-            raise ValueError("output_attentions=True needs the eager attention: load the model with "
-                             "attn_implementation=\"eager\"")
+        if output_attentions and _attention_implementation(cfg) != "eager":  # as in-library models: warn, return none
+            logger.warning_once(f"`{_attention_implementation(cfg)}` attention does not return attention weights "
+                                f"(output_attentions=True): load the model with attn_implementation=\"eager\"")
+            output_attentions = False
         use_cache = use_cache if use_cache is not None else cfg.use_cache
         past = past_key_values
         if past is not None and not _is_cache(past):
@@ -1136,16 +1137,17 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             total = input_ids.shape[1]
             if seq is None:
                 seq = total - past_len if total > past_len else 1
-            model_inputs["input_ids"] = input_ids[:, -seq:]
+            # contiguous, as generate() makes them: a strided slice would recompile a compiled forward per step
+            model_inputs["input_ids"] = input_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
             total = max(total, past_len + seq)
         if position_ids is not None:
             missing = total - position_ids.shape[1]
             if missing > 0:  # transformers 4.x does not extend user-supplied position_ids
                 step = torch.arange(1, missing + 1, device=position_ids.device, dtype=position_ids.dtype)
                 position_ids = torch.cat([position_ids, position_ids[:, -1:] + step], dim=1)
-            position_ids = position_ids[:, -seq:]
+            position_ids = position_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
         elif attention_mask is not None:
-            position_ids = ChatGLMModel._positions_from_mask(attention_mask, seq)
+            position_ids = ChatGLMModel._positions_from_mask(attention_mask, seq).contiguous()
         model_inputs.update(
             past_key_values=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
         if "logits_to_keep" not in kwargs:

@@ -132,7 +132,6 @@ FORWARD_CASES = [
      "Cache|tuple", ()),
     ("labels-shape", lambda: dict(input_ids=IDS, labels=torch.ones(1, 3, dtype=torch.long)), ValueError,
      "labels", ()),
-    ("output-attentions", lambda: dict(input_ids=IDS, output_attentions=True), ValueError, "output_attentions", ()),
 ]
 
 
