@@ -492,8 +492,14 @@ def _valid_byte_runs_only(sp, ids):
                     max_size=40))
 def test_decode_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp, ids):
     ids = _valid_byte_runs_only(tiny_sp, [i for i in ids if i < tiny_sp.get_piece_size()])
-    assert tiny_fast.decode(ids) == tiny_sp.decode(ids) == tiny_slow.decode(ids)
-    assert tiny_fast._tokenizer.decode(ids, skip_special_tokens=False) == tiny_sp.decode(ids)
+    expected = tiny_sp.decode(ids)
+    if ids and ids[0] == tiny_sp.piece_to_id("<0x20>"):
+        # The one known difference: the standard `tokenizers` decoder (Replace, ByteFallback, Fuse, Strip -- as
+        # transformers builds it for Llama) strips one leading space also when a byte piece made it; SentencePiece
+        # keeps that one. Both of our classes decode like the backend (what vLLM runs).
+        expected = expected[1:]
+    assert tiny_fast.decode(ids) == expected == tiny_slow.decode(ids)
+    assert tiny_fast._tokenizer.decode(ids, skip_special_tokens=False) == expected
 
 
 def test_decode_invalid_utf8_like_tokenizers_byte_fallback(tok):
