@@ -1148,6 +1148,18 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             position_ids = position_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
         elif attention_mask is not None:
             position_ids = ChatGLMModel._positions_from_mask(attention_mask, seq).contiguous()
+        if (getattr(past, "is_compileable", False) and _hf_create_causal_mask is not None and not self.config.pre_seq_len
+                and attention_mask is not None and attention_mask.dim() == 2):
+            # A static cache: the mask is built here, outside a compiled forward, at the cache's fixed size (as
+            # generate() does for in-library models), so every decode step feeds the same shapes.
+            b = attention_mask.shape[0]
+            stub = torch.empty(b, seq, 0, dtype=self.transformer.embedding.word_embeddings.weight.dtype,
+                               device=attention_mask.device)
+            full = _causal_mask(self.config, stub, attention_mask, past,
+                                kwargs.get("cache_position", torch.arange(seq, device=attention_mask.device) + past_len),
+                                None)
+            if full is not None:
+                attention_mask = ChatGLMModel._padding_queries_attend_everywhere(full, attention_mask, seq)
         model_inputs.update(
             past_key_values=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
         if "logits_to_keep" not in kwargs:
