@@ -623,9 +623,9 @@ class ChatGLMPreTrainedModel(CheckpointIO, PreTrainedModel):
             pack_quantized_weights(self)
             if getattr(self.forward, "_torchdynamo_orig_callable", None) is not None:
                 return self  # forward = torch.compile(forward): the compiler lays the bf16 weights out itself
-            wrapped = [getattr(m, "base_layer", None) for m in self.modules()]
+            wrapped = {id(m.base_layer) for m in self.modules() if isinstance(getattr(m, "base_layer", None), Linear)}
             for module in self.modules():
-                if isinstance(module, Linear) and not any(module is w for w in wrapped):
+                if isinstance(module, Linear) and id(module) not in wrapped:
                     module.pack()
         return self
 
@@ -658,6 +658,15 @@ class ChatGLMPreTrainedModel(CheckpointIO, PreTrainedModel):
         def _set_gradient_checkpointing(self, module, value=False):
             if isinstance(module, GLMBlock):
                 module.gradient_checkpointing = value
+
+    def quantize(self, bits: int, **kwargs):
+        """Weight-only int8 / int4 quantization in place (``quantize_output_layer=True`` also quantizes
+        ``output_layer``): see quantization.quantize, the one entry point."""
+        return quantize(self.unpack_weights(), bits, **kwargs)
+
+    def get_decoder(self):
+        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
+        return self.base_model
 
     @property
     def base_model(self):
@@ -956,11 +965,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             past_key_values=past if use_cache else None, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_probs) if all_probs is not None else None)
 
-    def quantize(self, bits: int, **kwargs):
-        """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
-        return quantize(self.unpack_weights(), bits, **kwargs)
-
-
 class ChatGLMBatchFirstModel(ChatGLMModel):
     """A batch-first view of a ``ChatGLMModel``: what the heads' ``base_model`` and ``get_decoder()`` return.
 
@@ -1005,10 +1009,6 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
 
     def _new_cache(self):
         return _new_cache(self.config)
-
-    def get_decoder(self):
-        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
-        return self.base_model
 
     def get_output_embeddings(self):
         layer = self.transformer.output_layer
@@ -1155,9 +1155,10 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             b = attention_mask.shape[0]
             stub = torch.empty(b, seq, 0, dtype=self.transformer.embedding.word_embeddings.weight.dtype,
                                device=attention_mask.device)
-            full = _causal_mask(self.config, stub, attention_mask, past,
-                                kwargs.get("cache_position", torch.arange(seq, device=attention_mask.device) + past_len),
-                                None)
+            positions = kwargs.get("cache_position")
+            if positions is None:
+                positions = torch.arange(seq, device=attention_mask.device) + past_len
+            full = _causal_mask(self.config, stub, attention_mask, past, positions, None)
             if full is not None:
                 attention_mask = ChatGLMModel._padding_queries_attend_everywhere(full, attention_mask, seq)
         model_inputs.update(
@@ -1182,11 +1183,6 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         """Force a quantized-matmul backend for every model using this code (``None``/``"auto"``: automatic)."""
         set_quantization_backend(name)
 
-    def quantize(self, bits: int, **kwargs):
-        """Weight-only int8 / int4 quantization in place (``quantize_output_layer=True`` also quantizes
-        ``output_layer``): see quantization.quantize."""
-        return quantize(self.unpack_weights(), bits, **kwargs)
-
 
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     """Classification head on the last non-padding token (works with left or right padding)."""
@@ -1198,10 +1194,6 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
         self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
         self.post_init()
-
-    def get_decoder(self):
-        """The batch-first body (``base_model``); ``self.transformer`` is the seq-first published one."""
-        return self.base_model
 
     def forward(
         self,
@@ -1262,7 +1254,3 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         if cfg.problem_type == "single_label_classification":
             return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return F.binary_cross_entropy_with_logits(logits, labels.float())
-
-    def quantize(self, bits: int, **kwargs):
-        """Weight-only int8 / int4 quantization in place: see quantization.quantize."""
-        return quantize(self.unpack_weights(), bits, **kwargs)
