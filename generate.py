@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
+CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py",
+              "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
               "tokenization_chatglm.py"]
 DEFAULT_MODEL = "THUDM/chatglm3-6b-base"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
