@@ -561,12 +561,12 @@ def _host_can_build_cpu_kernels():
     import platform
 
     flags = CK.cpu_signature()
-    return (platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in flags and "avx512bw" in flags
+    return (platform.machine().lower() in ("x86_64", "amd64") and all(f in flags.split() for f in CK.REQUIRED_FLAGS)
             and bool(CK.find_compiler()) and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
 
 
 needs_cpu_kernels = pytest.mark.skipif(not _host_can_build_cpu_kernels(),
-                                       reason="needs x86-64 with AVX-512 F/BW and a C compiler")
+                                       reason="needs x86-64 with AVX-512 F/BW/VNNI and a C compiler")
 KERNEL_OUT, KERNEL_IN = 80, 384  # 10 row blocks of 3 chunks (and shapes torch's int4 kernel takes too)
 
 
@@ -590,19 +590,17 @@ def test_blocked_layout_matches_its_description(bits):
     stored = q.clone() if bits == 8 else reference_pack_int4(q)
     packed = CK.pack_blocked(stored, bits)
     assert packed.numel() == stored.numel() and packed.dtype == torch.int8
-    # [N/8][K/128][8 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)]
-    chunks = packed.view(torch.uint8).reshape(n // 8, k // 128, 8, 128 * bits // 8)
-    codes = q.view(torch.uint8) if bits == 8 else (q & 0xF).view(torch.uint8)
+    # [N/8][K/128][8 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
+    chunks = packed.view(torch.uint8).reshape(n // 8, k // 128, 8, 128 * bits // 8).to(torch.int16)
+    codes = q.to(torch.int16) + (128 if bits == 8 else 8)
     for b in range(n // 8):
         for t in range(k // 128):
             for r in range(8):
                 line, row = chunks[b, t, r], codes[8 * b + r, t * 128:(t + 1) * 128]
                 if bits == 8:
                     assert torch.equal(line, row)
-                else:  # byte 32h+j: column 64h+j in the low nibble, column 64h+32+j in the high nibble
-                    for h in range(2):
-                        assert torch.equal(line[32 * h:32 * h + 32] & 0xF, row[64 * h:64 * h + 32])
-                        assert torch.equal(line[32 * h:32 * h + 32] >> 4, row[64 * h + 32:64 * h + 64])
+                else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
+                    assert torch.equal(line & 0xF, row[:64]) and torch.equal(line >> 4, row[64:])
     assert torch.equal(CK.unpack_blocked(packed, bits, n, k), stored)
     old = CK.PACK_CHUNK_ROWS
     try:
@@ -620,17 +618,42 @@ def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
     assert layer.pack().backend_for() == "cpu-avx512"
     deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
     gen = torch.Generator().manual_seed(7)
-    # 1 row (decode; the bf16 dot-product path for int4 bf16), 2-4 rows (shared conversion), remainders, the
-    # 16-row limit, then the dequantize + GEMM path
+    # 1 row (decode), 2-4 rows (one weight load for several rows), remainders, the 16-row limit, then the
+    # dequantize + GEMM path
     for rows in (1, 2, 3, 4, 5, 7, 16, 17, 64):
         x = torch.randn(rows, KERNEL_IN, generator=gen).to(dtype)
         with torch.no_grad():
             out = layer(x)
         assert layer.backend == "cpu-avx512" and out.dtype == dtype and out.shape == (rows, KERNEL_OUT)
         reference = F.linear(x.float(), deq.float(), lin.bias.float())
-        # fp32 accumulation everywhere: the error is the output rounding (bf16 2^-9, fp16 2^-12 relative)
+        # exact integer dot products of the inputs in 16-bit (fp32: 24-bit) fixed point per 64 columns, fp32
+        # accumulation: the error is the output rounding (bf16 2^-9, fp16 2^-12 relative)
         tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
         assert _rel_err(out, reference) < tol, (rows, _rel_err(out, reference))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_decode_keeps_small_inputs_beside_an_outlier_and_propagates_non_finite(bits):
+    """The decode kernel writes each input row as fixed point scaled per 64 columns: an outlier column (as real
+    hidden states have) must not wipe out the small values sharing its group, and NaN / inf must not vanish."""
+    lin, layer = _layer(bits, torch.float32, out=KERNEL_OUT, inp=KERNEL_IN)
+    layer.pack()
+    deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
+    x = torch.randn(2, KERNEL_IN, dtype=torch.float64) * 1e-3
+    x[:, 5] = 300.0  # 3e5 times the others
+    reference = (x @ deq.double().t() + lin.bias.double())
+    small = x.clone()
+    small[:, 5] = 0  # what the small values alone contribute must survive: compare their part exactly
+    with torch.no_grad():
+        got = layer(x.float()).double()
+        assert _rel_err(got - layer(torch.zeros_like(x).float()).double(), reference - lin.bias.double()) < 1e-5
+        part = got - (x[:, 5:6] @ deq.double()[:, 5:6].t()) - lin.bias.double()
+        assert _rel_err(part, small @ deq.double().t()) < 1e-2
+        for bad in (float("nan"), float("inf")):
+            y = torch.randn(1, KERNEL_IN)
+            y[0, 7] = bad
+            assert not torch.isfinite(layer(y)).any()
 
 
 @needs_cpu_kernels
@@ -648,7 +671,7 @@ def test_cpu_kernel_dequantize_is_bit_exact(dtype, bits):
         scale = layer.scale_table
         assert scale.dtype == torch.float32
         CK.load().chatglm_cpu_dequantize(layer.packed_weight.data_ptr(), bits, scale.data_ptr(), dense.data_ptr(),
-                                         CK.OUT_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
+                                         CK.IO_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
         assert torch.equal(dense, expected)
         assert torch.equal(out, F.linear(x, expected) + layer.bias)
 
