@@ -376,6 +376,70 @@ void chatglm_cpu_matmul(const void *x, int x_type, int64_t m, const uint8_t *w, 
     }
 }
 
+/* ---- bf16 weights (unquantized models) ------------------------------------------------------------------------ */
+
+/* 32 bf16 of x and w at column c (fewer at the row end: masked to zero), multiplied in pairs and added to acc */
+static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x, int64_t c, __mmask32 mask) {
+    const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + c), xv = _mm512_maskz_loadu_epi16(mask, x + c);
+#ifdef __AVX512BF16__
+    return _mm512_dpbf16_ps(acc, (__m512bh)wv, (__m512bh)xv);
+#else  /* bf16 -> fp32 is a 16-bit shift: even and odd elements separately */
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)),
+                          _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)),
+                           _mm512_castsi512_ps(_mm512_and_si512(xv, hi)), acc);
+#endif
+}
+
+/* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows: each weight vector is loaded once. The R
+ * rows are read side by side, each one a sequential stream. */
+static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, int MC, const uint16_t *w, int R,
+                                                            int64_t k, const uint16_t *bias, uint16_t *out,
+                                                            int64_t n) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < MC; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 32) {
+        const __mmask32 mask = k - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (k - c)) - 1);
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + r * k + c) + PREFETCH / 2, _MM_HINT_T0);
+            for (int i = 0; i < MC; i++) acc[r][i] = dot32_bf16(acc[r][i], w + r * k, x + i * k, c, mask);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < MC; i++) {
+            float v = _mm512_reduce_add_ps(acc[r][i]);
+            if (bias != NULL) {
+                union { uint32_t u; float f; } b = { .u = (uint32_t)bias[r] << 16 };
+                v += b.f;
+            }
+            store1(out, TYPE_BF16, i * n + r, v);
+        }
+}
+
+/* out [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]), all bf16, w row-major as stored (no layout of its own); m <= 4.
+ * fp32 accumulation, one rounding. Rows in groups of 4 (each thread takes a contiguous range). */
+void chatglm_cpu_linear_bf16(const uint16_t *x, int64_t m, const uint16_t *w, const uint16_t *bias, uint16_t *out,
+                             int64_t n, int64_t k, int threads) {
+#define ROWS_BF16(MC)                                                                                          \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
+    for (int64_t b = 0; b < (n + 3) / 4; b++) {                                                              \
+        const int64_t r = 4 * b;                                                                              \
+        const uint16_t *bb = bias == NULL ? NULL : bias + r;                                                  \
+        if (n - r >= 4) rows_bf16(x, MC, w + r * k, 4, k, bb, out + r, n);                                    \
+        else for (int64_t j = r; j < n; j++) rows_bf16(x, MC, w + j * k, 1, k, bias == NULL ? NULL : bias + j, \
+                                                       out + j, n);                                          \
+    }
+    switch (m) {
+    case 1: { ROWS_BF16(1) } break;
+    case 2: { ROWS_BF16(2) } break;
+    case 3: { ROWS_BF16(3) } break;
+    default: { ROWS_BF16(4) } break;
+    }
+#undef ROWS_BF16
+}
+
 /* out [n, k] (row-major, out_type) = q * scale, rounded once: the same as torch's q.to(T) * scale for a model-dtype
  * scale (given here widened to fp32; q * scale is then exact in fp32). */
 void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void *out, int out_type,
@@ -549,6 +613,15 @@ def _self_check(lib) -> bool:
         lib.chatglm_cpu_dequantize(packed.data_ptr(), bits, scale32.data_ptr(), dense.data_ptr(), 1, n, k, 1)
         if not torch.equal(dense, weight.float().bfloat16()):
             return False
+    n, k = 10, 72  # a row tail (10 = 2 * 4 + 2) and a column tail (72 = 2 * 32 + 8)
+    weight, bias = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
+    for rows in (1, 3):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        lib.chatglm_cpu_linear_bf16(x.data_ptr(), rows, weight.data_ptr(), bias.data_ptr(), out.data_ptr(), n, k, 1)
+        if not torch.allclose(out.float(), F.linear(x.double(), weight.double(), bias.double()).float(),
+                              rtol=1e-2, atol=1e-2):
+            return False
     return True
 
 
@@ -588,6 +661,8 @@ def _build_and_load():
         lib.chatglm_cpu_matmul.restype = None
         lib.chatglm_cpu_dequantize.argtypes = [ptr, i32, ptr, ptr, i32, i64, i64, i32]
         lib.chatglm_cpu_dequantize.restype = None
+        lib.chatglm_cpu_linear_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i32]
+        lib.chatglm_cpu_linear_bf16.restype = None
         ok = _self_check(lib)
     except OSError as e:  # a damaged cached library: remove it so that the next process rebuilds it
         logger.info("could not load the CPU quantization kernels from %s: %s", path, e)
@@ -648,3 +723,21 @@ class Avx512:
 
 
 KERNELS = {k.name: k for k in (Avx512(), Int8Pack(), Int4Pack())}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16 linear layers (unquantized models): decode GEMV on the weight as it is stored
+# ---------------------------------------------------------------------------------------------------------------------
+BF16_GEMV_MAX_ROWS = 4  # more input rows: torch's GEMM
+
+
+def linear_bf16(x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """``F.linear`` for bf16 on CPU with at most BF16_GEMV_MAX_ROWS rows: reads the row-major weight once, as one
+    sequential stream per thread (oneDNN's GEMV on this layout runs at a fraction of the memory bandwidth, and on
+    its own prepacked layout below ours). Call only where :func:`load` gave the library."""
+    x2 = x2.contiguous()
+    rows, (n, k) = x2.shape[0], weight.shape
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    _lib.chatglm_cpu_linear_bf16(x2.data_ptr(), rows, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 out.data_ptr(), n, k, torch.get_num_threads())
+    return out

@@ -222,10 +222,12 @@ def _norm(config, device=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU bf16 weight prepacking
 # ---------------------------------------------------------------------------------------------------------------------
+def _cpu_layouts_enabled():
+    return os.environ.get("CHATGLM_CPU_PREPACK", "1").lower() not in ("0", "false", "no", "off")
+
+
 def _cpu_prepack_available():
     """oneDNN's prepacked bf16 linear: present in CPU builds of torch >= 2.0 with mkldnn and a CPU with bf16 support."""
-    if os.environ.get("CHATGLM_CPU_PREPACK", "1").lower() in ("0", "false", "no", "off"):
-        return False
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -235,6 +237,7 @@ def _cpu_prepack_available():
 
 
 _CPU_PREPACK = None
+_CPU_GEMV = None
 
 
 def _cpu_prepack_enabled():
@@ -242,6 +245,17 @@ def _cpu_prepack_enabled():
     if _CPU_PREPACK is None:
         _CPU_PREPACK = _cpu_prepack_available()
     return _CPU_PREPACK
+
+
+def _cpu_gemv_kernel():
+    """This package's bf16 decode kernel (``cpu_kernels.linear_bf16``) where its C library builds on this machine
+    (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried once per process."""
+    global _CPU_GEMV
+    if _CPU_GEMV is None:
+        from .cpu_kernels import linear_bf16, load as load_cpu_kernels
+
+        _CPU_GEMV = linear_bf16 if load_cpu_kernels() is not None else False
+    return _CPU_GEMV or None
 
 
 _PACK_LOCK = threading.RLock()
@@ -266,27 +280,40 @@ class PackedWeight(nn.Parameter):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with an explicit inference layout for bf16 on CPU.
+    """``nn.Linear`` with an explicit inference binding for bf16 on CPU.
 
-    With a plain ``[out, in]`` bf16 weight, oneDNN re-blocks (copies) the whole weight at every matmul, so a decode
-    step (one row, memory bound) reads the weights about twice. :meth:`pack` (``model.pack_weights()``, which
-    ``generate`` calls) replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout
-    (no second copy); :meth:`unpack` puts the original Parameter object back with the dense values. Undone first by
-    ``train()``, ``.to()``/``.float()``/``.cuda()``, ``state_dict()``/``save_pretrained``, ``load_state_dict``,
-    ``quantize()``, and a forward that needs autograd or another dtype. ``CHATGLM_CPU_PREPACK=0`` turns it off.
+    oneDNN's GEMV on a plain ``[out, in]`` bf16 weight re-blocks (copies) the whole weight at every matmul, so a
+    decode step (one row, memory bound) reads the weights about twice. :meth:`pack` (``model.pack_weights()``,
+    which ``generate`` calls) fixes that in one of two ways:
+
+    - where this package's CPU kernels build (x86-64 with AVX-512), it binds their bf16 GEMV
+      (``cpu_kernels.linear_bf16``) for inputs of up to 4 rows; the weight stays exactly as it is;
+    - else it replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout (no second
+      copy); :meth:`unpack` puts the original Parameter object back with the dense values.
+
+    Undone first by ``train()``, ``.to()``/``.float()``/``.cuda()``, ``state_dict()``/``save_pretrained``,
+    ``load_state_dict``, ``quantize()``, and a forward that needs autograd or another dtype.
+    ``CHATGLM_CPU_PREPACK=0`` turns both off.
     """
 
     prepack = True  # False for a layer whose weight may be shared (tied) with another module
+    gemv_bound = False  # True while the bf16 decode kernel is bound
 
     @property
     def is_packed(self):
-        return isinstance(self._parameters.get("weight"), PackedWeight)
+        return self.gemv_bound or isinstance(self._parameters.get("weight"), PackedWeight)
 
     def pack(self):
-        """To oneDNN's layout when the layer is bf16 on CPU (no-op otherwise, or when already packed)."""
+        """Bind the bf16 CPU decode kernel, or move to oneDNN's layout, when the layer is bf16 on CPU (no-op
+        otherwise, or when already packed)."""
         weight = self._parameters["weight"]
         if (self.is_packed or not self.prepack or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
-                or weight.dim() != 2 or not _cpu_prepack_enabled()):
+                or weight.dim() != 2 or not _cpu_layouts_enabled()):
+            return self
+        if weight.is_contiguous() and _cpu_gemv_kernel() is not None:
+            self.gemv_bound = True
+            return self
+        if not _cpu_prepack_enabled():
             return self
         with torch.inference_mode(False), torch.no_grad():
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
@@ -297,8 +324,9 @@ class Linear(nn.Linear):
         return self
 
     def unpack(self):
-        """Back to the dense weight in the original Parameter object (no-op when not packed)."""
-        if self.is_packed:
+        """Back to the dense weight in the original Parameter object, no kernel bound (no-op when not packed)."""
+        self.gemv_bound = False
+        if isinstance(self._parameters.get("weight"), PackedWeight):
             (weight,) = self._dense_weight
             with torch.inference_mode(False), torch.no_grad():
                 weight.data = self._parameters["weight"].to_dense()
@@ -307,7 +335,16 @@ class Linear(nn.Linear):
         return self
 
     def forward(self, x):
-        if self.is_packed:
+        if self.gemv_bound:
+            weight, gemv = self.weight, _cpu_gemv_kernel()
+            if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.bfloat16
+                    or weight.device.type != "cpu" or torch.is_grad_enabled() or gemv is None):
+                self.unpack()  # autograd or another dtype: no binding (the weight is dense already)
+            elif 0 < x.numel() <= 4 * x.shape[-1] and weight.is_contiguous() and (
+                    self.bias is None or self.bias.dtype == torch.bfloat16):
+                out = gemv(x.reshape(-1, x.shape[-1]), weight, self.bias)
+                return out.view(*x.shape[:-1], out.shape[-1])
+        elif self.is_packed:
             if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
                 out = torch.ops.mkldnn._linear_pointwise(
                     x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")

@@ -1,8 +1,9 @@
-"""CPU bf16 inference: ``generate`` (through ``model.pack_weights()``) converts the block linears and the output
-layer to oneDNN's prepacked layout, explicitly. Checked here against a dense copy of the same model: same outputs
-and tokens, the same parameters (names, shapes, counts, memory footprint) before and after, no second copy of the
-weights, and every way back to the dense weights (state_dict, save/load, training, autograd, dtype moves,
-quantization, copies and pickles)."""
+"""CPU bf16 inference: ``generate`` (through ``model.pack_weights()``) binds the block linears and the output layer
+to this package's bf16 decode kernel (``gemv``: the weights stay as they are) or, where that kernel does not build,
+converts them to oneDNN's prepacked layout (``onednn``), explicitly. Both are checked here against a dense copy of
+the same model: same outputs and tokens, the same parameters (names, shapes, counts, memory footprint) before and
+after, no second copy of the weights, and every way back to the dense weights (state_dict, save/load, training,
+autograd, dtype moves, quantization, copies and pickles)."""
 import copy
 import io
 
@@ -27,14 +28,21 @@ def _summary(model):
     return [(n, tuple(p.shape), p.dtype, p.numel()) for n, p in model.named_parameters()]
 
 
-@pytest.fixture()
-def bf16_pair(tmp_path):
+@pytest.fixture(params=["gemv", "onednn"])
+def bf16_pair(tmp_path, request, monkeypatch):
     folder = make_model_dir(tmp_path, hidden_size=128, ffn_hidden_size=256, kv_channels=32)
     model = load_model(folder).to(torch.bfloat16)
     ref = copy.deepcopy(model)
-    if not _modeling(model)._cpu_prepack_enabled():
-        pytest.skip("no oneDNN bf16 prepacking on this machine/torch")
+    mod = _modeling(model)
+    if request.param == "gemv":
+        if mod._cpu_gemv_kernel() is None:
+            pytest.skip("this package's CPU kernels do not build here (x86-64 with AVX-512 F/BW/VNNI and a C compiler)")
+    else:
+        monkeypatch.setattr(mod, "_CPU_GEMV", False)  # as on a machine where they do not build
+        if not mod._cpu_prepack_enabled():
+            pytest.skip("no oneDNN bf16 prepacking on this machine/torch")
     return folder, model, ref
+
 
 
 def _packed(model):
@@ -45,6 +53,7 @@ def test_generate_packs_explicitly_and_parameters_stay_the_same(bf16_pair):
     _, model, ref = bf16_pair
     ids = torch.randint(3, 128, (2, 9))
     summary, count, footprint = _summary(model), model.num_parameters(), model.get_memory_footprint()
+    pointers = [m.weight.data_ptr() for m in _linears(model)]
     with torch.inference_mode():
         expected = ref(input_ids=ids).logits.float()
         model(input_ids=ids)
@@ -54,17 +63,23 @@ def test_generate_packs_explicitly_and_parameters_stay_the_same(bf16_pair):
     assert _packed(model) and all(_packed(model))
     assert _summary(model) == summary and model.num_parameters() == count
     assert model.get_memory_footprint() == footprint
-    assert all(m._dense_weight[0].numel() == 0 for m in _linears(model))  # no second copy
+    linears = _linears(model)
+    if all(m.gemv_bound for m in linears):  # the weights are untouched
+        assert all(type(m.weight) is torch.nn.Parameter and m.weight.data_ptr() == p
+                   for m, p in zip(linears, pointers))
+    else:
+        assert all(m._dense_weight[0].numel() == 0 for m in linears)  # no second copy
     with torch.inference_mode():
-        got = model(input_ids=ids).logits.float()
+        got = model(input_ids=ids).logits.float()  # 9 rows: the GEMM path
+        step = model(input_ids=ids[:1, -1:], position_ids=torch.tensor([[8]])).logits.float()  # 1 row: the GEMV
+        step_ref = ref(input_ids=ids[:1, -1:], position_ids=torch.tensor([[8]])).logits.float()
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    mod = _modeling(ref)
-    old, mod._CPU_PREPACK = mod._CPU_PREPACK, False
-    try:
+    torch.testing.assert_close(step, step_ref, rtol=2e-2, atol=2e-2)
+    with pytest.MonkeyPatch.context() as mp:  # the reference: no binding at all
+        mp.setenv("CHATGLM_CPU_PREPACK", "0")
         with torch.inference_mode():
             out_ref = ref.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    finally:
-        mod._CPU_PREPACK = old
+    assert not any(_packed(ref))
     assert out.tolist() == out_ref.tolist()
 
 
@@ -132,7 +147,7 @@ def test_quantize_and_output_embeddings_after_packing(bf16_pair):
 
 def test_opt_out(bf16_pair, monkeypatch):
     _, model, _ = bf16_pair
-    monkeypatch.setattr(_modeling(model), "_CPU_PREPACK", False)
+    monkeypatch.setenv("CHATGLM_CPU_PREPACK", "0")
     model.pack_weights()
     assert not any(_packed(model))
 
