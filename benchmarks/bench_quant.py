@@ -1,9 +1,11 @@
 """CPU benchmark of weight-only int8 / int4 against bf16 at ChatGLM3-6B widths.
 
-1. Per-linear microbenchmark for the four block linears of ChatGLM3-6B, at M = 1 (one decode token) and M = 128
-   (a prefill): bf16 ``F.linear``, bf16 with the weight prepacked for oneDNN (what modeling_chatglm.py's ``Linear``
-   runs on CPU), and ``QuantizedLinear`` int8 / int4 with each CPU backend (``cpu-avx512``: this package's C
-   kernels; ``cpu-int8pack`` / ``cpu-int4pack``: torch's).
+1. Per-linear microbenchmark for the four block linears of ChatGLM3-6B and its output layer, at M = 1 (one decode
+   token) and M = 128 (a prefill): bf16 ``F.linear``, bf16 with the weight prepacked for oneDNN, bf16 through this
+   package's GEMV (``cpu_kernels.linear_bf16``, M <= 4: what modeling_chatglm.py's ``Linear`` binds where the C
+   kernels build), and ``QuantizedLinear`` int8 / int4 with each CPU backend (``cpu-avx512``: this package's C
+   kernels; ``cpu-int8pack`` / ``cpu-int4pack``: torch's). Each variant rotates over copies of its weight larger
+   than twice the last-level cache, so every call reads the weight from memory as in a model.
 2. Whole-model batch-1 greedy decode of a random ChatGLM3-6B-width model with ``--layers`` layers (default 4),
    bf16 vs ``quantize(8)`` vs ``quantize(4)``; the (unquantized) 65024 x 4096 output layer is included.
 
@@ -36,6 +38,7 @@ SHAPES = {  # name: (out_features, in_features) at ChatGLM3-6B widths
     "dense": (4096, 4096),
     "dense_h_to_4h": (27392, 4096),
     "dense_4h_to_h": (4096, 13696),
+    "output_layer": (65024, 4096),  # not part of "one block"; bf16 unless quantize_output_layer=True
 }
 
 
@@ -59,36 +62,77 @@ def timeit(fn, repeat, warmup=3):
     return best
 
 
-def microbench(Q, repeat, rows_list=(1, 128)):
-    """{(linear, M): {variant: ms}} with variants bf16, bf16-prepacked, int8/<backend>, int4/<backend>."""
+def last_level_cache_bytes(default=64 << 20):
+    """Size of the largest CPU cache (sysfs), so that timed weights can be made to come from memory."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=default)
+
+
+def rotating(make, nbytes):
+    """Enough copies of a layer (``make()`` builds one) that calling them in turn reads at least twice the
+    last-level cache, and a function calling the next one: per-call times then include the memory reads a model
+    pays (one copy of a 19 MB weight stays in a 260 MB L3 and times the cache, not memory)."""
+    copies = [make() for _ in range(max(1, -(-2 * last_level_cache_bytes() // nbytes)))]
+    state = {"i": 0}
+
+    def call(x):
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]](x)
+
+    return call, len(copies)
+
+
+def microbench(Q, CK, repeat, rows_list=(1, 128)):
+    """[{linear, rows, variant: ms}] with variants bf16 (torch's F.linear), bf16-onednn (weight prepacked for
+    oneDNN), bf16-gemv (this package's bf16 decode kernel, <= 4 rows), int8/<backend>, int4/<backend>. Every
+    variant runs on its own copies of the weight, rotated so that each call reads it from memory."""
     results = []
     gen = torch.Generator().manual_seed(0)
     prepack = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    gemv = CK.load() is not None
     for name, (n, k) in SHAPES.items():
         lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
         with torch.no_grad():
             lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
-        packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 1) if prepack else None
-        layers = {bits: Q.QuantizedLinear.from_linear(lin, bits) for bits in (8, 4)}
-        for m in rows_list:
-            x = torch.randn(m, k, dtype=torch.bfloat16, generator=gen)
-            reps = max(2, repeat // m)
-            row = dict(linear=name, out=n, inp=k, rows=m)
-            with torch.no_grad():
-                row["bf16"] = timeit(lambda: lin(x), reps) * 1e3
-                if packed is not None:
-                    row["bf16-prepacked"] = timeit(
-                        lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), reps) * 1e3
-                for bits, layer in layers.items():
-                    for backend in ("cpu-avx512", "cpu-int8pack" if bits == 8 else "cpu-int4pack"):
-                        Q.set_quantization_backend(backend)
-                        if layer.pack().backend != backend:
-                            continue  # not available on this machine
-                        row[f"int{bits}/{backend}"] = timeit(lambda: layer(x), reps) * 1e3
-                        assert layer.backend == backend
+        variants = {"bf16": (lambda: copy.deepcopy(lin), n * k * 2)}
+        if prepack:
+            def onednn():
+                w = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach().clone(), 1)
+                return lambda x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            variants["bf16-onednn"] = (onednn, n * k * 2)
+        if gemv:
+            def ours():
+                w = lin.weight.detach().clone()
+                return lambda x: CK.linear_bf16(x, w, None) if x.shape[0] <= CK.BF16_GEMV_MAX_ROWS else None
+            variants["bf16-gemv"] = (ours, n * k * 2)
+        for bits in (8, 4):
+            for backend in ("cpu-avx512", "cpu-int8pack" if bits == 8 else "cpu-int4pack"):
+                def quantized(bits=bits, backend=backend):
+                    Q.set_quantization_backend(backend)
+                    layer = Q.QuantizedLinear.from_linear(lin, bits).pack()
                     Q.set_quantization_backend(None)
-            results.append(row)
-        del lin, layers, packed
+                    return layer if layer.backend == backend else None
+                variants[f"int{bits}/{backend}"] = (quantized, n * k * bits // 8)
+        rows = {m: dict(linear=name, out=n, inp=k, rows=m) for m in rows_list}
+        for variant, (make, nbytes) in variants.items():
+            if variant.startswith("int") and make() is None:
+                continue  # not available on this machine
+            call, copies = rotating(make, nbytes)
+            for m in rows_list:
+                x = torch.randn(m, k, dtype=torch.bfloat16, generator=gen)
+                with torch.no_grad():
+                    if call(x) is None:
+                        continue
+                    rows[m][variant] = timeit(lambda: call(x), max(copies, repeat // m)) * 1e3
+            del call
+        results.extend(rows.values())
+        del lin
     return results
 
 
@@ -179,6 +223,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     Q = load_quantization()
+    CK = importlib.import_module("chatglm_bench_code.cpu_kernels")
     info = dict(torch=torch.__version__, threads=args.threads, cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 command="python benchmarks/bench_quant.py " + " ".join(sys.argv[1:]))
     print(f"torch {info['torch']}, {args.threads} threads, CPU capability {info['cpu_capability']}")
@@ -190,15 +235,16 @@ def main():
         print(f"  {name}: weight error {r['rel_rms_weight_error']:.4f}, logit error {r['rel_rms_logit_error']:.4f} "
               f"(relative RMS), top-1 agreement {r['top1_agreement']:.3f}, top-5 overlap {r['top5_overlap']:.3f}")
     result["output_layer_error"] = head
-    rows = microbench(Q, args.repeat) if not args.skip_micro else []
-    variants = [v for v in ("bf16", "bf16-prepacked", "int8/cpu-avx512", "int8/cpu-int8pack", "int4/cpu-avx512",
+    rows = microbench(Q, CK, args.repeat) if not args.skip_micro else []
+    variants = [v for v in ("bf16", "bf16-onednn", "bf16-gemv", "int8/cpu-avx512", "int8/cpu-int8pack", "int4/cpu-avx512",
                             "int4/cpu-int4pack") if any(v in r for r in rows)]
     if rows:
-        print("\nPer linear, bf16 activations; best-of-3 mean ms (and GB/s of weight bytes read)")
+        print(f"\nPer linear, bf16 activations, weights read from memory (rotated copies > 2x the "
+              f"{last_level_cache_bytes() >> 20} MiB last-level cache); best-of-3 mean ms (GB/s of weight bytes)")
         print(f"{'linear':<16}{'M':>4}" + "".join(f"{v:>20}" for v in variants))
     for m in sorted({r["rows"] for r in rows}):
-        sub = [r for r in rows if r["rows"] == m]
-        for r in sub + [dict(linear="one block", rows=m, **{v: sum(x.get(v, float("nan")) for x in sub)
+        sub = [r for r in rows if r["rows"] == m and r["linear"] != "output_layer"]
+        for r in [r for r in rows if r["rows"] == m] + [dict(linear="one block", rows=m, **{v: sum(x.get(v, float("nan")) for x in sub)
                                                              for v in variants})]:
             cells = []
             for v in variants:
