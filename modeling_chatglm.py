@@ -334,14 +334,19 @@ class Linear(nn.Linear):
             self._dense_weight = None
         return self
 
+    def _gemv_fits(self, x):
+        """Whether the bound bf16 GEMV takes this input (else torch's F.linear on the same weight)."""
+        weight, bias = self.weight, self.bias
+        return (0 < x.numel() <= 4 * x.shape[-1] and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
+                and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
+
     def forward(self, x):
         if self.gemv_bound:
             weight, gemv = self.weight, _cpu_gemv_kernel()
             if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.bfloat16
                     or weight.device.type != "cpu" or torch.is_grad_enabled() or gemv is None):
                 self.unpack()  # autograd or another dtype: no binding (the weight is dense already)
-            elif 0 < x.numel() <= 4 * x.shape[-1] and weight.is_contiguous() and (
-                    self.bias is None or self.bias.dtype == torch.bfloat16):
+            elif self._gemv_fits(x):
                 out = gemv(x.reshape(-1, x.shape[-1]), weight, self.bias)
                 return out.view(*x.shape[:-1], out.shape[-1])
         elif self.is_packed:

@@ -178,3 +178,20 @@ def test_adapter_wrapped_layers_stay_dense(bf16_pair):
         before = lora(input_ids=ids).logits.float()
         merged = lora.merge_and_unload()  # merges into the dense base layers
         torch.testing.assert_close(merged(input_ids=ids).logits.float(), before, rtol=2e-2, atol=2e-2)
+
+
+def test_bound_decode_kernel_takes_only_what_fits(bf16_pair):
+    """The bf16 decode binding must give F.linear's results for 1-4 rows, hand larger inputs to F.linear, and reject
+    a wrong input width as F.linear does (never read past the input)."""
+    _, model, ref = bf16_pair
+    model.pack_weights()
+    layer, dense = model.transformer.encoder.layers[0].self_attention.query_key_value, \
+        ref.transformer.encoder.layers[0].self_attention.query_key_value
+    with torch.no_grad():
+        for rows in (1, 3, 4, 5, 9):
+            x = torch.randn(rows, layer.in_features).bfloat16()
+            torch.testing.assert_close(layer(x).float(), torch.nn.functional.linear(
+                x.double(), dense.weight.double(), dense.bias.double()).float(), rtol=1e-2, atol=1e-2)
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(1, layer.in_features - 32).bfloat16())
+    assert layer.is_packed
