@@ -465,11 +465,12 @@ def bench(args):
             if parity[dname]["rel"] > tol:
                 raise SystemExit(f"ours and native disagree in {dname}: {parity[dname]}")
             variants.append(("native", native, dname))
-        for spec in (args.quant if dname in ("bf16", "fp16") and not args.native_only else []):
+        quant_specs = args.quant if dname in ("bf16", "fp16") and not args.native_only else []
+        for spec, (code_label, folder) in [(s, lf) for s in quant_specs for lf in zip(labels, folders)]:
             bits, head = int(spec.rstrip("h")), spec.endswith("h")  # "8h": output_layer quantized too
-            label = f"ours-int{spec}"
+            label = f"ours-int{spec}" if len(folders) == 1 else f"{code_label}-int{spec}"  # one row per --code-dir
             try:
-                q = load_ours(folders[0], dtype, device)
+                q = load_ours(folder, dtype, device)
                 q.quantize(bits, **({"quantize_output_layer": True} if head else {}))
                 if not any("Quantized" in type(m).__name__ for m in q.modules()):
                     raise RuntimeError("quantize() did not create quantized layers")
