@@ -11,6 +11,7 @@ builds a small overlay folder (links to the downloaded weights + this repo's cod
 with ``trust_remote_code=True``.
 """
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py",
-              "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
-              "tokenization_chatglm.py"]
+# The remote-code files: loading.py's REMOTE_CODE_FILES (the one list), read without importing it.
+CODE_FILES = list(next(
+    ast.literal_eval(node.value) for node in ast.parse((HERE / "loading.py").read_text(encoding="utf-8")).body
+    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
 DEFAULT_MODEL = "THUDM/chatglm3-6b-base"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
 
