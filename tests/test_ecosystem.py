@@ -551,7 +551,7 @@ def test_save_pretrained_folder_loads_in_fresh_offline_process(tiny_dir, tmp_pat
         model.save_pretrained(out, safe_serialization=True)
     except TypeError:  # safe_serialization removed (always safetensors)
         model.save_pretrained(out)
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py"):
+    for name in CODE_FILES:  # every remote-code file; the fresh process below imports them from its module cache
         assert (out / name).read_bytes() == (REPO / name).read_bytes(), name
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
     cfg = json.loads((out / "config.json").read_text())

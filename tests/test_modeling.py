@@ -321,8 +321,8 @@ def test_save_pretrained_copies_remote_code(tiny_model, tmp_path):
     import subprocess
     import sys
     tiny_model.save_pretrained(tmp_path / "saved")
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py"):
-        assert (tmp_path / "saved" / name).exists(), name
+    for name in CODE_FILES:
+        assert (tmp_path / "saved" / name).read_bytes() == (REPO / name).read_bytes(), name
     cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
     assert cfg["architectures"]  # written by transformers
