@@ -11,6 +11,7 @@ builds a small overlay folder (links to the downloaded weights + this repo's cod
 with ``trust_remote_code=True``.
 """
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py",
-              "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
-              "tokenization_chatglm.py"]
+# The remote-code files: loading.py's REMOTE_CODE_FILES (the one list), read without importing it.
+CODE_FILES = list(next(
+    ast.literal_eval(node.value) for node in ast.parse((HERE / "loading.py").read_text(encoding="utf-8")).body
+    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
 DEFAULT_MODEL = "THUDM/chatglm3-6b-base"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
 
@@ -92,10 +94,10 @@ def resolve_model(name: str) -> Path:
 
 
 def tiny_folder() -> Path:
-    """A random 2-layer model with the real vocabulary size, and a tokenizer.model: the published one if
-    it can be found locally, else a small one trained here."""
+    """A random 2-layer model and a tokenizer.model: the published one (and the real vocabulary size) if it can
+    be found locally, else a small one trained here (and a vocabulary of its size)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(tempfile.mkdtemp(prefix="chatglm3-tiny-"))
     for name in CODE_FILES + ["tokenizer_config.json", "generation_config.json"]:
@@ -103,13 +105,14 @@ def tiny_folder() -> Path:
     config = json.loads((HERE / "config.json").read_text())
     config.update(num_layers=2, hidden_size=64, ffn_hidden_size=128, kv_channels=16, num_attention_heads=4,
                   seq_length=512, torch_dtype="float32")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     candidates = [os.environ.get("CHATGLM_TOKENIZER_MODEL"), HERE.parent / "shared" / "reference" / "tokenizer.model"]
     found = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if found:
         shutil.copyfile(found, out / "tokenizer.model")
-    else:
+    else:  # a small vocabulary: the model's matches it, so that every token it picks decodes to text
         train_small_tokenizer(out / "tokenizer.model")
+        config["padded_vocab_size"] = len(AutoTokenizer.from_pretrained(out, trust_remote_code=True))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out, trust_remote_code=True),
                                              trust_remote_code=True)
@@ -127,7 +130,7 @@ def train_small_tokenizer(path: Path):
             "def main():\n    print('hello world')\n0123456789 ") * 50
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.split(". ")), model_writer=model, vocab_size=300, model_type="bpe",
+        sentence_iterator=iter(text.split(". ")), model_writer=model, vocab_size=400, model_type="bpe",
         byte_fallback=True, split_digits=True, character_coverage=1.0, remove_extra_whitespaces=False,
         normalization_rule_name="identity")
     path.write_bytes(model.getvalue())

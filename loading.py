@@ -1,13 +1,17 @@
 """Checkpoint loading and saving for the ChatGLM3 models (a mixin of ``ChatGLMPreTrainedModel``): transformers'
 ``from_pretrained`` / ``save_pretrained`` plus the checks that a load never returns a partly random or garbage
 model, and a saved folder that loads again with ``trust_remote_code=True``."""
+import copy
 import json
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 
-from .configuration_chatglm import ChatGLMConfig
+import torch
+from transformers import PretrainedConfig
+
 from .parallel import (
     _distributed_rank,
     _finish_tensor_parallel,
@@ -23,8 +27,90 @@ _WEIGHT_FILE_RE = re.compile(
     r"\.index\.json")
 # Weights a checkpoint may lack: the rotary buffer (recomputed), new p-tuning prefixes, a fresh classification head.
 _MISSING_OK_RE = re.compile(r"(?:^|\.)(?:rotary_pos_emb\.inv_freq|prefix_encoder\..+|classifier_head\..+)$")
-REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py",
-                     "quantization.py", "cpu_kernels.py", "cuda_kernels.py", "tokenization_chatglm.py")
+# from_pretrained arguments that name the configuration source's hub files, and those that load another format.
+_HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "token", "use_auth_token", "revision",
+               "local_files_only", "subfolder", "_commit_hash")
+_OTHER_SOURCES = ("gguf_file", "variant", "state_dict", "from_tf", "from_flax")
+REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "compat.py", "loading.py",
+                     "parallel.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py", "tokenization_chatglm.py")
+
+
+def _check_scales_declared(config, scale_keys):
+    """ValueError for quantized tensors (``weight_scale``) that the config does not declare: transformers would
+    drop the scales and read the int8 weights as float weights."""
+    scales = sorted(scale_keys)
+    if scales and not config.quantization_bit:
+        raise ValueError(
+            f"the checkpoint is quantized (it has {scales[0]} and {len(scales) - 1} more weight_scale tensors), "
+            f"but config.quantization_bit is 0: its int8 weights would be used as float weights. Set "
+            f"quantization_bit (4 or 8) in config.json to the checkpoint's width.")
+    head_scales = [k for k in scales if k.endswith("output_layer.weight_scale")]
+    if head_scales and not config.quantize_output_layer:
+        raise ValueError(
+            f"the checkpoint's output_layer is quantized (it has {head_scales[0]}), but "
+            f"config.quantize_output_layer is false: its int8 weight would be used as a float weight. Set "
+            f"quantize_output_layer to true in config.json.")
+
+
+def _safetensors_shapes(path):
+    """{name: shape} from a safetensors file's header (no tensor data read); None if it has no valid header
+    (the library's loader then reports the damage)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        if length > size - 8:
+            return None
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:  # not JSON: a damaged file
+            return None
+    if not isinstance(header, dict):
+        return None
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
+
+
+def _bin_shapes(path):
+    """{name: shape} from a torch zip checkpoint, memory-mapped (no tensor data read); None for another format."""
+    if not zipfile.is_zipfile(path):
+        return None
+    state_dict = torch.load(path, map_location="meta", mmap=True, weights_only=True)
+    return {k: list(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def _local_checkpoint_shapes(source, kwargs):
+    """{name: shape} of every tensor of the checkpoint ``from_pretrained`` would load from a local folder; None
+    where it is not a plain local checkpoint (a hub id, gguf, a variant, a given state dict) or one of its files
+    is missing or damaged: the library's loader reports those."""
+    if not isinstance(source, (str, os.PathLike)) or any(kwargs.get(k) for k in _OTHER_SOURCES):
+        return None
+    folder = os.path.join(source, kwargs.get("subfolder") or "")
+    if not os.path.isdir(folder):
+        return None
+    kinds = (("model.safetensors", _safetensors_shapes), ("pytorch_model.bin", _bin_shapes))
+    for name, read in kinds[1:] if kwargs.get("use_safetensors") is False else kinds:
+        files = [os.path.join(folder, name)]
+        index = files[0] + ".index.json"
+        if not os.path.isfile(files[0]) and os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (ValueError, AttributeError):  # not JSON, or not an object
+                return None
+            if not isinstance(weight_map, dict):
+                return None
+            files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
+        if all(os.path.isfile(f) for f in files):
+            shapes = {}
+            for path in files:
+                part = read(path)
+                if part is None:
+                    return None
+                shapes.update(part)
+            return shapes
+        if os.path.isfile(index) or os.path.isfile(files[0]):
+            return None  # a shard is missing
+    return None
 
 
 class CheckpointIO:
@@ -42,32 +128,21 @@ class CheckpointIO:
             register_tensor_parallel_styles()
         want_info = kwargs.pop("output_loading_info", False)
         allow_missing = kwargs.pop("allow_missing_weights", False)
-        user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
-        quantized = cls._loads_quantized(args, kwargs)
+        kwargs = cls._with_config(args, kwargs)
+        config = kwargs["config"]
+        tensors = _local_checkpoint_shapes(args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs)
+        if tensors is not None:  # a local checkpoint: check that it fits the config before loading it
+            _check_scales_declared(config, [k for k in tensors if k.endswith(".weight_scale")])
+            if config.quantization_bit:
+                cls._check_quantized_shapes(config, tensors)
         try:
-            model, info = super().from_pretrained(*args, output_loading_info=True,
-                                                  ignore_mismatched_sizes=user_ignores, **kwargs)
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except EOFError as exc:  # torch.load of an empty .bin shard: a bare EOFError() without a message
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise OSError(f"a weight file in {where!r} is empty or truncated (EOFError while reading it)") from exc
-        except RuntimeError as exc:
-            if "Only Tensors of floating point" in str(exc):  # transformers 4.4x-4.5x: int8 into a float parameter
-                raise ValueError(
-                    "the checkpoint has int8 (quantized) weights where config.json declares float ones: set "
-                    "quantization_bit (4 or 8) to the checkpoint's width, and quantize_output_layer to true if it "
-                    "has transformer.output_layer.weight_scale") from exc
-            if not quantized or "mismatch" not in str(exc):
-                raise
-            # Load again tolerating the mismatch only to say which quantization_bit the tensors fit (not done
-            # up front: on transformers 4.30 ignore_mismatched_sizes breaks sharded checkpoints).
-            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                  **kwargs)
-            check_quantized_load(model, info)
-            cls._check_undeclared_scales(model, info)
-            raise
-        if quantized:
-            check_quantized_load(model, info)
-        cls._check_undeclared_scales(model, info)
+        check_quantized_load(model, info)  # a hub checkpoint (not checked above), or a layer quantized on load
+        _check_scales_declared(model.config, [k for k in (info.get("unexpected_keys") or ())
+                                              if k.endswith(".weight_scale")])
         missing = sorted(k for k in (info.get("missing_keys") or ()) if not _MISSING_OK_RE.search(k))
         if missing and not allow_missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -81,23 +156,6 @@ class CheckpointIO:
         _finish_tensor_parallel(model)
         return (model, info) if want_info else model
 
-    @staticmethod
-    def _check_undeclared_scales(model, info):
-        """ValueError for quantized tensors (``weight_scale``) that the config does not declare: transformers would
-        drop the scales and read the int8 weights as float weights."""
-        scales = sorted(k for k in (info.get("unexpected_keys") or ()) if k.endswith(".weight_scale"))
-        if scales and not model.config.quantization_bit:
-            raise ValueError(
-                f"the checkpoint is quantized (it has {scales[0]} and {len(scales) - 1} more weight_scale tensors), "
-                f"but config.quantization_bit is 0: its int8 weights would be used as float weights. Set "
-                f"quantization_bit (4 or 8) in config.json to the checkpoint's width.")
-        head_scales = [k for k in scales if k.endswith("output_layer.weight_scale")]
-        if head_scales:
-            raise ValueError(
-                f"the checkpoint's output_layer is quantized (it has {head_scales[0]}), but "
-                f"config.quantize_output_layer is false: its int8 weight would be used as a float weight. Set "
-                f"quantize_output_layer to true in config.json.")
-
     def _tensor_parallel_state_dict(self):
         """The state dict with the cut fused projections gathered back to the published layout (all ranks)."""
         state_dict = self.state_dict()
@@ -109,18 +167,39 @@ class CheckpointIO:
         return state_dict
 
     @classmethod
-    def _loads_quantized(cls, args, kwargs):
-        if "quantization_bit" in kwargs:
-            return bool(kwargs["quantization_bit"])
+    def _with_config(cls, args, kwargs):
+        """``kwargs`` with ``config`` a ``ChatGLMConfig``: read here once (with the caller's overrides, such as
+        ``quantization_bit=4``, applied) the way the Auto classes do before they call this, unless given."""
         config = kwargs.get("config")
-        if not isinstance(config, ChatGLMConfig) and args:
-            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder",
-                                          "force_download", "proxies") if k in kwargs}
-            try:
-                config = ChatGLMConfig.from_pretrained(args[0], **hub)
-            except Exception:  # let the library's loader report it
-                return False
-        return bool(getattr(config, "quantization_bit", 0))
+        if isinstance(config, PretrainedConfig):
+            return kwargs
+        source = config if isinstance(config, (str, os.PathLike)) else (
+            args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        dtypes = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "dtype")}  # not config fields here
+        rest = {k: v for k, v in kwargs.items() if k not in hub and k not in dtypes and k != "config"}
+        config, rest = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **hub, **rest)
+        return {**hub, **dtypes, **rest, "config": config}
+
+    @classmethod
+    def _check_quantized_shapes(cls, config, tensors):
+        """ValueError (worded by ``check_quantized_load``) for a quantized layer whose checkpoint tensors do not
+        fit ``config.quantization_bit``, found from the checkpoint's shapes and the layers of a model on the meta
+        device, before any weight is read."""
+        with torch.device("meta"):
+            model = cls(copy.deepcopy(config))
+        prefix = cls.base_model_prefix + "."
+        shapes = {(k[len(prefix):] if k.startswith(prefix) else k): shape for k, shape in tensors.items()}
+        mismatched, missing = [], []
+        for name, param in model.named_parameters():
+            if param.dtype != torch.int8 and not name.endswith(".weight_scale"):
+                continue  # only a quantized layer's stored tensors
+            found = shapes.get(name[len(prefix):] if name.startswith(prefix) else name)
+            if found is None:
+                missing.append(name)
+            elif tuple(found) != tuple(param.shape):
+                mismatched.append((name, tuple(found), tuple(param.shape)))
+        check_quantized_load(model, {"mismatched_keys": mismatched, "missing_keys": missing})
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, then copy the remote-code files next to the weights so the folder loads again

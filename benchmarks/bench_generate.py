@@ -34,6 +34,7 @@ Examples::
     python benchmarks/bench_generate.py --device cuda --dtypes fp16,bf16 --quant 8,4 --layers 28
 """
 import argparse
+import ast
 import gc
 import json
 import math
@@ -52,8 +53,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
-              "tokenization_chatglm.py"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WIDTH = dict(hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv_channels=128,
              multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=65024, seq_length=32768,
@@ -207,8 +206,17 @@ def _flush_shard(folder, shards, save_file):
     gc.collect()
 
 
+def code_files(code_dir):
+    """The remote-code files of ``code_dir``: its loading.py's REMOTE_CODE_FILES (the one list), read without
+    importing it; this repo's list for an older code folder without loading.py."""
+    loading = Path(code_dir) / "loading.py"
+    tree = ast.parse((loading if loading.is_file() else REPO / "loading.py").read_text(encoding="utf-8"))
+    return list(next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                     and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
+
+
 def copy_code(code_dir, folder):
-    for name in CODE_FILES:
+    for name in code_files(code_dir):
         src = Path(code_dir) / name
         if src.exists():
             shutil.copyfile(src, Path(folder) / name)

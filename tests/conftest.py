@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random ChatGLM3 models written to a folder and loaded back through the real
 ``from_pretrained(..., trust_remote_code=True)`` path, and locations of the reference data."""
+import ast
 import json
 import os
 import shutil
@@ -12,8 +13,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = Path(os.environ.get("CHATGLM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "loading.py", "parallel.py", "quantization.py",
-              "cpu_kernels.py", "cuda_kernels.py", "tokenization_chatglm.py"]
+# The remote-code files: loading.py's REMOTE_CODE_FILES (the one list), read without importing it.
+CODE_FILES = list(next(
+    ast.literal_eval(node.value) for node in ast.parse((REPO / "loading.py").read_text(encoding="utf-8")).body
+    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
 
 try:
     from hypothesis import settings

@@ -149,6 +149,29 @@ def _shard_blocks(model):
     return model
 
 
+def _sharded_training_step(model, ref, rank, world, res):
+    """One SGD step of the sharded ``model`` on this rank's row of a two-row batch and of ``ref`` (the same
+    checkpoint in this process) on both rows; records in ``res`` this rank's share of the parameters and how far
+    the data-parallel loss and gradients are from the reference's."""
+    import torch.distributed as dist
+
+    res["param_fraction"] = (sum(p.to_local().numel() for p in model.parameters())
+                             / sum(p.numel() for p in ref.parameters()))
+    ids = torch.tensor([[5, 9, 17, 33, 64, 100, 7, 3, 11, 42], [21, 8, 90, 13, 55, 6, 77, 4, 19, 60]])
+    ref_loss = ref(ids, labels=ids).loss  # mean over all tokens = mean of the two rows' means (equal lengths)
+    ref_loss.backward()
+    mine = ids[rank:rank + 1]
+    loss = model(mine, labels=mine).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    res["loss_diff"] = abs(total.item() / world - ref_loss.item())
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    res["grad_max_diff"] = max((_full(p.grad) - want[n]).abs().max().item() for n, p in model.named_parameters())
+    for m in (ref, model):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+
+
 def run_fsdp(folder, out):
     """One SGD step of FSDP2 (each rank one row of the batch) against the single-process step on the whole batch,
     then a sharded (torch.distributed.checkpoint) save loaded into a fresh sharded model."""
@@ -164,24 +187,8 @@ def run_fsdp(folder, out):
         return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().train()
 
     ref, model = load(), _shard_blocks(load())
-    ids = torch.tensor([[5, 9, 17, 33, 64, 100, 7, 3, 11, 42], [21, 8, 90, 13, 55, 6, 77, 4, 19, 60]])
     res = {"rank": rank, "world": world}
-    local_numel = sum(p.to_local().numel() for p in model.parameters())
-    res["param_fraction"] = local_numel / sum(p.numel() for p in ref.parameters())
-
-    ref_loss = ref(ids, labels=ids).loss  # mean over all tokens = mean of the two rows' means (equal lengths)
-    ref_loss.backward()
-    mine = ids[rank:rank + 1]
-    loss = model(mine, labels=mine).loss
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    res["loss_diff"] = abs(total.item() / world - ref_loss.item())
-    want = {n: p.grad for n, p in ref.named_parameters()}
-    res["grad_max_diff"] = max((_full(p.grad) - want[n]).abs().max().item() for n, p in model.named_parameters())
-
-    for m in (ref, model):
-        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    _sharded_training_step(model, ref, rank, world, res)
     stepped = {n: p.detach() for n, p in ref.named_parameters()}
     res["step_max_diff"] = max((_full(p) - stepped[n]).abs().max().item() for n, p in model.named_parameters())
 
@@ -223,21 +230,7 @@ def run_fsdp_hf(folder, out):
     rank, world = dist.get_rank(), dist.get_world_size()
     res = {"rank": rank, "world": world}
     res["sharded_blocks"] = sum(isinstance(b, FSDPModule) for b in model.transformer.encoder.layers)
-    res["param_fraction"] = (sum(p.to_local().numel() for p in model.parameters())
-                             / sum(p.numel() for p in ref.parameters()))
-    ids = torch.tensor([[5, 9, 17, 33, 64, 100, 7, 3, 11, 42], [21, 8, 90, 13, 55, 6, 77, 4, 19, 60]])
-    ref_loss = ref(ids, labels=ids).loss
-    ref_loss.backward()
-    mine = ids[rank:rank + 1]
-    loss = model(mine, labels=mine).loss
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    res["loss_diff"] = abs(total.item() / world - ref_loss.item())
-    want = {n: p.grad for n, p in ref.named_parameters()}
-    res["grad_max_diff"] = max((_full(p.grad) - want[n]).abs().max().item() for n, p in model.named_parameters())
-    for m in (ref, model):
-        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    _sharded_training_step(model, ref, rank, world, res)
     saved = {n: _full(p).detach() for n, p in model.named_parameters()}
     save = os.path.join(out, "fsdp_saved")
     model.save_pretrained(save)

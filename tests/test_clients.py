@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_model, make_model_dir
-from tokenizer_helpers import real_model_path, train_tiny_model
+from conftest import load_model
+from tokenizer_helpers import model_dir_with_tokenizer
 
 GMASK, SOP, EOS = 64790, 64792, 2
 
@@ -36,12 +35,7 @@ def needs(*modules):
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     """A tiny model with the published vocabulary size (65024 rows) and the tokenizer files."""
-    folder = make_model_dir(tmp_path_factory.mktemp("clients"), padded_vocab_size=65024, num_layers=2)
-    vocab = real_model_path()
-    if vocab is None:
-        vocab = train_tiny_model(folder / "trained.model")
-    shutil.copyfile(vocab, folder / "tokenizer.model")
-    return folder
+    return model_dir_with_tokenizer(tmp_path_factory.mktemp("clients"), num_layers=2)
 
 
 @pytest.fixture(scope="module")

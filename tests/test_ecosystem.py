@@ -1,8 +1,10 @@
 """The model in the wider ecosystem: conversion to/from transformers' Glm, hub-folder assembly, PEFT (LoRA and
 p-tuning v2), Trainer with gradient accumulation, accelerate big-model loading, save_pretrained round trips and
 sequence classification. Tiny random models only; every test runs on CPU in a second or two."""
+import contextlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import shutil
@@ -311,6 +313,42 @@ def train_steps(model, ids, labels, steps=5, lr=1e-2):
     return losses
 
 
+@pytest.mark.parametrize("tokenizer_model", ("published", "trained"))
+def test_generate_tiny_runs_offline_and_leaves_a_loadable_folder(tmp_path, tokenizer_model):
+    """``python generate.py --tiny PROMPT`` as a user runs it, in a fresh process, offline: it prints the prompt and
+    its greedy continuation, and the folder it built (in $TMPDIR) loads again and gives the same text. With the
+    published tokenizer.model where it is found, else with a small one it trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TMPDIR=str(tmp_path))
+    if tokenizer_model == "published":
+        if not (SHARED_REFERENCE / "tokenizer.model").is_file():
+            pytest.skip("no published tokenizer.model in ../shared/reference")
+        env["CHATGLM_TOKENIZER_MODEL"] = str(SHARED_REFERENCE / "tokenizer.model")
+    else:  # generate.py also looks next to the repo; run a copy where it finds nothing
+        script = tmp_path / "code" / "generate.py"
+        script.parent.mkdir()
+        for name in ["generate.py", "config.json", "generation_config.json", "tokenizer_config.json", *CODE_FILES]:
+            shutil.copyfile(REPO / name, script.parent / name)
+    prompt = "Once upon a time"
+    script = REPO / "generate.py" if tokenizer_model == "published" else script
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtype", "fp32",
+                           "--max-new-tokens", "6", prompt], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    folders = list(tmp_path.glob("chatglm3-tiny-*"))
+    assert len(folders) == 1 and all((folders[0] / name).is_file() for name in CODE_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(folders[0], trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folders[0], trust_remote_code=True).eval()
+    inputs = tokenizer(prompt, return_tensors="pt")
+    printed = io.StringIO()  # what the script's TextStreamer prints (byte-fallback pieces decode per chunk)
+    with torch.no_grad(), contextlib.redirect_stdout(printed):
+        model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                       streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    assert printed.getvalue().strip() and proc.stdout == prompt + printed.getvalue()
+
+
 @needs_peft
 @pytest.mark.parametrize("targets", [None, ["dense", "dense_h_to_4h", "dense_4h_to_h"]],
                          ids=["default-query_key_value", "dense-mlp"])
@@ -513,7 +551,7 @@ def test_save_pretrained_folder_loads_in_fresh_offline_process(tiny_dir, tmp_pat
         model.save_pretrained(out, safe_serialization=True)
     except TypeError:  # safe_serialization removed (always safetensors)
         model.save_pretrained(out)
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py"):
+    for name in CODE_FILES:  # every remote-code file; the fresh process below imports them from its module cache
         assert (out / name).read_bytes() == (REPO / name).read_bytes(), name
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
     cfg = json.loads((out / "config.json").read_text())

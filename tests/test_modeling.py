@@ -1,12 +1,14 @@
 """Core model behaviour through the real trust_remote_code path, against transformers' own GlmForCausalLM
 (the same function as ChatGLM3 under a key mapping) as an independent reference."""
+import ast
 import json
+import runpy
 import warnings
 
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
+from conftest import CODE_FILES, REPO, TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
 from glm_reference import build_glm, left_padded_batch
 
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM")
@@ -319,8 +321,8 @@ def test_save_pretrained_copies_remote_code(tiny_model, tmp_path):
     import subprocess
     import sys
     tiny_model.save_pretrained(tmp_path / "saved")
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "quantization.py"):
-        assert (tmp_path / "saved" / name).exists(), name
+    for name in CODE_FILES:
+        assert (tmp_path / "saved" / name).read_bytes() == (REPO / name).read_bytes(), name
     cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
     assert cfg["architectures"]  # written by transformers
@@ -335,6 +337,29 @@ def test_save_pretrained_copies_remote_code(tiny_model, tmp_path):
     with torch.no_grad():
         expected = tiny_model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().item()
     assert abs(float(out.stdout.strip().splitlines()[-1]) - expected) < 1e-3
+
+
+def test_remote_code_files_are_the_files_the_code_imports():
+    """loading.py's REMOTE_CODE_FILES, the one list that saves, hub folders, scripts and tests copy, is exactly the
+    configuration, model and tokenizer code plus every sibling file they import, directly or through another
+    (relative imports, lazy ones included): a new file cannot be left out of a saved folder."""
+    todo, imported = ["configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py"], set()
+    while todo:
+        name = todo.pop()
+        if name in imported:
+            continue
+        imported.add(name)
+        for node in ast.walk(ast.parse((REPO / name).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                todo += [f"{module.split('.')[0]}.py" for module in
+                         ([node.module] if node.module else [alias.name for alias in node.names])]
+    assert len(set(CODE_FILES)) == len(CODE_FILES) and set(CODE_FILES) == imported
+    assert CODE_FILES[:3] == ["configuration_chatglm.py", "modeling_chatglm.py", "chat.py"]  # what "has our code" checks
+    # the scripts read the same list
+    for script in ("generate.py", "scripts/convert_to_glm.py"):
+        assert list(runpy.run_path(str(REPO / script), run_name="not_main")["CODE_FILES"]) == CODE_FILES, script
+    bench = runpy.run_path(str(REPO / "benchmarks" / "bench_generate.py"), run_name="not_main")
+    assert bench["code_files"](REPO) == CODE_FILES
 
 
 def test_gradient_checkpointing_gives_same_gradients(tmp_path):

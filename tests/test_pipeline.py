@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from conftest import load_model, make_model_dir
-from tokenizer_helpers import real_model_path, train_tiny_model
+from conftest import load_model
+from tokenizer_helpers import model_dir_with_tokenizer
 
 def _pipeline_keeps_special_tokens():
     import inspect
@@ -24,13 +24,7 @@ PROMPTS = ["今天天气真不错", "Hello world, this is a much longer prompt t
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    import shutil
-    folder = make_model_dir(tmp_path_factory.mktemp("pipe"), padded_vocab_size=65024, num_layers=1)
-    vocab = real_model_path()
-    if vocab is None:
-        vocab = train_tiny_model(folder / "trained.model")
-    shutil.copyfile(vocab, folder / "tokenizer.model")
-    return folder
+    return model_dir_with_tokenizer(tmp_path_factory.mktemp("pipe"), num_layers=1)
 
 
 @pytest.fixture(scope="module")

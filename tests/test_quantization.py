@@ -532,6 +532,51 @@ def test_plain_from_pretrained_with_wrong_bits_is_a_value_error(int8_dir, tmp_pa
         _quiet_load(wrong)
 
 
+@pytest.mark.parametrize("fmt", ("safetensors", "bin"))
+def test_wrong_bits_are_found_from_the_checkpoint_before_loading_it(int8_dir, tmp_path, monkeypatch, fmt):
+    """The checkpoint's tensor shapes (safetensors header, or a memory-mapped .bin) are checked against the config
+    before the library loads it, on every transformers version; a direct class call reads config.json once."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    folder = tmp_path / fmt
+    shutil.copytree(int8_dir, folder)
+    saved = folder / "model.safetensors"  # transformers 4.30 saves pytorch_model.bin
+    state_dict = load_file(saved) if saved.exists() else torch.load(folder / "pytorch_model.bin", weights_only=True)
+    for old in (folder / "model.safetensors", folder / "pytorch_model.bin"):
+        old.unlink(missing_ok=True)
+    if fmt == "bin":
+        torch.save(state_dict, folder / "pytorch_model.bin")
+    else:
+        save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+    cls = get_class_from_dynamic_module("modeling_chatglm.ChatGLMForConditionalGeneration", str(folder))
+    reads = []
+    original = cls.config_class.from_pretrained.__func__
+    monkeypatch.setattr(cls.config_class, "from_pretrained",
+                        classmethod(lambda c, *a, **k: reads.append(a) or original(c, *a, **k)))
+
+    def no_weight_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before it was checked")
+
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr(transformers.PreTrainedModel, "_load_pretrained_model", classmethod(no_weight_loading))
+        with pytest.raises(ValueError, match=r"quantization_bit=4 expects .*shape \[\d+, \d+\]"):
+            cls.from_pretrained(folder, quantization_bit=4)
+        assert len(reads) == 1
+        with pytest.raises(ValueError, match=r"weight_scale tensors\), but config.quantization_bit is 0"):
+            cls.from_pretrained(folder, quantization_bit=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        reads.clear()
+        assert cls.from_pretrained(folder, config=config).config.quantization_bit == 8 and not reads
+
+
 @pytest.mark.parametrize("bits,limit", ((8, 0.52), (4, 0.27)))
 def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
     folder = make_model_dir(tmp_path / "mem", num_layers=1, hidden_size=512, ffn_hidden_size=1024,
