@@ -1,8 +1,9 @@
-"""CPU kernels for quantization.py's QuantizedLinear: this package's AVX-512 C kernels (built at run time with
-the host's C compiler, loaded with ctypes) and torch's packed int8 / int4 CPU kernels.
+"""CPU kernels for quantization.py's QuantizedLinear and modeling_chatglm.py's bf16 Linear: this package's AVX-512 C
+kernels (built at run time with the host's C compiler, loaded with ctypes) and torch's packed int8 / int4 CPU kernels.
 
-quantization.py imports this module the first time a quantized layer is bound to the CPU. Every kernel here
-takes the published storage format (``weight`` int8 [out, in*bits/8], int4 element 2j in the high nibble) and the
+quantization.py imports this module the first time a quantized layer is bound to the CPU, modeling_chatglm.py the
+first time ``pack_weights`` binds a bf16 CPU linear (:func:`linear_bf16`). Every quantized kernel here takes the
+published storage format (``weight`` int8 [out, in*bits/8], int4 element 2j in the high nibble) and the
 ``weight_scale`` tensor, and offers the same small interface (see :class:`Int8Pack`): ``usable``, ``matmul`` and,
 for the kernels that read their own weight layout, ``pack`` / ``unpack`` / ``scales``.
 """
@@ -646,13 +647,13 @@ def _build_and_load():
         return None
     compiler = find_compiler()
     if not compiler:
-        logger.warning("No C compiler found (set CC or install gcc): quantized CPU layers use torch's slower "
-                       "packed kernels instead of this package's AVX-512 kernels.")
+        logger.warning("No C compiler found (set CC or install gcc): this package's AVX-512 CPU kernels cannot be "
+                       "built; bf16 decode uses oneDNN and quantized CPU layers torch's slower packed kernels.")
         return None
     path = library_path(compiler, signature)
     if not os.path.exists(path) and not _compile(compiler, path):
-        logger.warning("Compiling the AVX-512 CPU quantization kernels failed (details at INFO level); quantized "
-                       "CPU layers use torch's slower packed kernels instead.")
+        logger.warning("Compiling the AVX-512 CPU quantization kernels failed (details at INFO level); bf16 decode "
+                       "uses oneDNN and quantized CPU layers torch's slower packed kernels instead.")
         return None
     try:
         lib = ctypes.CDLL(path)
@@ -670,8 +671,8 @@ def _build_and_load():
             os.remove(path)
         ok = False
     if not ok:
-        logger.warning("The AVX-512 CPU quantization kernels could not be loaded or failed their self-check; "
-                       "quantized CPU layers use torch's packed kernels instead.")
+        logger.warning("The AVX-512 CPU quantization kernels could not be loaded or failed their self-check; bf16 "
+                       "decode uses oneDNN and quantized CPU layers torch's packed kernels instead.")
         return None
     return lib
 
