@@ -477,6 +477,7 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
 
 BLOCK_ROWS = 8  # rows per block of the blocked layout (ROWS in CPU_SOURCE)
 CHUNK = 128  # columns per chunk of the blocked layout (CHUNK in CPU_SOURCE)
+GROUP = 64  # input columns per fixed-point scale in the decode kernel (GROUP in CPU_SOURCE)
 GEMV_MAX_ROWS = 16  # inputs with more rows: dequantize in chunks and let torch's GEMM do the work
 DEQUANT_CHUNK_BYTES = 8 << 20  # bytes of weight dequantized at a time for that GEMM
 IO_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # TYPE_* in CPU_SOURCE
@@ -516,7 +517,7 @@ def unpack_blocked(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Ten
 
 def scratch_bytes(rows: int, k: int, pieces: int) -> int:
     """Bytes of scratch the matmul kernel needs for ``rows`` input rows (their int8 pieces and group scales)."""
-    return rows * (pieces * k + 8 * (k // 64))
+    return rows * (pieces * k + 8 * (k // GROUP))
 
 
 def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -732,8 +733,15 @@ KERNELS = {k.name: k for k in (Avx512(), Int8Pack(), Int4Pack())}
 BF16_GEMV_MAX_ROWS = 4  # more input rows: torch's GEMM
 
 
+def linear_bf16_takes(x, weight, bias) -> bool:
+    """Whether :func:`linear_bf16` takes these tensors (all bf16 on CPU already): 1 to BF16_GEMV_MAX_ROWS rows of
+    the weight's input width, contiguous weight and bias."""
+    return (0 < x.numel() <= BF16_GEMV_MAX_ROWS * x.shape[-1] and x.shape[-1] == weight.shape[1]
+            and weight.is_contiguous() and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
+
+
 def linear_bf16(x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """``F.linear`` for bf16 on CPU with at most BF16_GEMV_MAX_ROWS rows: reads the row-major weight once, as one
+    """``F.linear`` for bf16 on CPU where :func:`linear_bf16_takes` the inputs: reads the row-major weight once, as one
     sequential stream per thread (oneDNN's GEMV on this layout runs at a fraction of the memory bandwidth, and on
     its own prepacked layout below ours). Call only where :func:`load` gave the library."""
     x2 = x2.contiguous()

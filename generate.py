@@ -20,10 +20,18 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# The remote-code files: loading.py's REMOTE_CODE_FILES (the one list), read without importing it.
-CODE_FILES = list(next(
-    ast.literal_eval(node.value) for node in ast.parse((HERE / "loading.py").read_text(encoding="utf-8")).body
-    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
+
+
+def remote_code_files(code_dir=HERE):
+    """The remote-code files of ``code_dir``: its loading.py's REMOTE_CODE_FILES (the one list), read without
+    importing it (tests, benchmarks and scripts use this too); this repo's list for a code folder without one."""
+    loading = Path(code_dir) / "loading.py"
+    tree = ast.parse((loading if loading.is_file() else HERE / "loading.py").read_text(encoding="utf-8"))
+    return list(next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                     and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
+
+
+CODE_FILES = remote_code_files()
 DEFAULT_MODEL = "THUDM/chatglm3-6b-base"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
 

@@ -117,13 +117,14 @@ def _cpu_prepack_enabled():
 
 
 def _cpu_gemv_kernel():
-    """This package's bf16 decode kernel (``cpu_kernels.linear_bf16``) where its C library builds on this machine
-    (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried once per process."""
+    """This package's bf16 decode kernel as ``(linear_bf16_takes, linear_bf16)`` from ``cpu_kernels``, where its C
+    library builds on this machine (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried
+    once per process."""
     global _CPU_GEMV
     if _CPU_GEMV is None:
-        from .cpu_kernels import linear_bf16, load as load_cpu_kernels
+        from .cpu_kernels import linear_bf16, linear_bf16_takes, load as load_cpu_kernels
 
-        _CPU_GEMV = linear_bf16 if load_cpu_kernels() is not None else False
+        _CPU_GEMV = (linear_bf16_takes, linear_bf16) if load_cpu_kernels() is not None else False
     return _CPU_GEMV or None
 
 
@@ -203,20 +204,14 @@ class Linear(nn.Linear):
             self._dense_weight = None
         return self
 
-    def _gemv_fits(self, x):
-        """Whether the bound bf16 GEMV takes this input (else torch's F.linear on the same weight)."""
-        weight, bias = self.weight, self.bias
-        return (0 < x.numel() <= 4 * x.shape[-1] and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
-                and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
-
     def forward(self, x):
         if self.gemv_bound:
-            weight, gemv = self.weight, _cpu_gemv_kernel()
+            weight, bias, kernel = self.weight, self.bias, _cpu_gemv_kernel()
             if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.bfloat16
-                    or weight.device.type != "cpu" or torch.is_grad_enabled() or gemv is None):
+                    or weight.device.type != "cpu" or torch.is_grad_enabled() or kernel is None):
                 self.unpack()  # autograd or another dtype: no binding (the weight is dense already)
-            elif self._gemv_fits(x):
-                out = gemv(x.reshape(-1, x.shape[-1]), weight, self.bias)
+            elif kernel[0](x, weight, bias):  # linear_bf16_takes; else torch's F.linear on the same weight
+                out = kernel[1](x.reshape(-1, x.shape[-1]), weight, bias)
                 return out.view(*x.shape[:-1], out.shape[-1])
         elif self.is_packed:
             if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():

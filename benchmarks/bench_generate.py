@@ -34,7 +34,6 @@ Examples::
     python benchmarks/bench_generate.py --device cuda --dtypes fp16,bf16 --quant 8,4 --layers 28
 """
 import argparse
-import ast
 import gc
 import json
 import math
@@ -207,12 +206,13 @@ def _flush_shard(folder, shards, save_file):
 
 
 def code_files(code_dir):
-    """The remote-code files of ``code_dir``: its loading.py's REMOTE_CODE_FILES (the one list), read without
-    importing it; this repo's list for an older code folder without loading.py."""
-    loading = Path(code_dir) / "loading.py"
-    tree = ast.parse((loading if loading.is_file() else REPO / "loading.py").read_text(encoding="utf-8"))
-    return list(next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                     and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
+    """The remote-code files of ``code_dir`` (generate.remote_code_files: its loading.py's REMOTE_CODE_FILES)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from generate import remote_code_files
+    finally:
+        sys.path.pop(0)
+    return remote_code_files(code_dir)
 
 
 def copy_code(code_dir, folder):

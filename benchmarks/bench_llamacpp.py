@@ -38,17 +38,14 @@ Examples::
 import argparse
 import ctypes
 import gc
-import glob
 import hashlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
@@ -61,9 +58,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_generate as bg  # noqa: E402
 
-SDIST_ENV = "LLAMA_CPP_PYTHON_SDIST"
-CONVERTER_FILES = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/",
-                   "vendor/llama.cpp/gguf-py/")
+sys.path.insert(0, str(REPO / "tests"))
+from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist  # noqa: E402  (shared with tests/test_clients.py)
+
 # (our label, llama.cpp label, bits for model.quantize or None, llama_ftype name or None for the converter's bf16)
 PRECISIONS = [("bf16", "bf16", None, None), ("int8", "q8_0", 8, "LLAMA_FTYPE_MOSTLY_Q8_0"),
               ("int4", "q4_0", 4, "LLAMA_FTYPE_MOSTLY_Q4_0")]
@@ -74,17 +71,6 @@ log = bg.log
 # ---------------------------------------------------------------------------------------------------------------------
 # What is needed, and where it is
 # ---------------------------------------------------------------------------------------------------------------------
-def find_sdist(arg=None):
-    """The llama-cpp-python sdist (.tar.gz or an unpacked folder): --sdist, $LLAMA_CPP_PYTHON_SDIST, or the cached
-    copy tests/test_clients.py uses (~/.cache/chatglm3-tests/). Never downloaded here."""
-    for cand in (arg, os.environ.get(SDIST_ENV)):
-        if cand:
-            return Path(cand) if Path(cand).exists() else None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatglm3-tests"
-    found = sorted(glob.glob(str(cache / "llama_cpp_python-*.tar.gz")))
-    return Path(found[-1]) if found else None
-
-
 def missing_requirements(args):
     why = [f"the Python package '{m}' is not installed" for m in ("llama_cpp", "gguf")
            if importlib.util.find_spec(m) is None]
@@ -96,29 +82,6 @@ def missing_requirements(args):
     return why
 
 
-def converter_script(sdist, work):
-    """convert_hf_to_gguf.py with its conversion/ and gguf-py/ beside it (extracted once into ``work``)."""
-    if sdist.is_dir():
-        script = next(iter(sdist.glob("**/vendor/llama.cpp/convert_hf_to_gguf.py")), None)
-        if script is None:
-            raise SystemExit(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
-        return script
-    dest = Path(work) / f"sdist-{sdist.name.replace('.tar.gz', '')}"
-    found = list(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    if found and (dest / ".ok").exists():
-        return found[0]
-    shutil.rmtree(dest, ignore_errors=True)
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if (m.isfile() or m.isdir()) and any(f in m.name for f in CONVERTER_FILES)]
-        tar.extractall(dest, members=members)
-    found = list(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    if not found:
-        raise SystemExit(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
-    (dest / ".ok").write_text("ok")
-    return found[0]
-
-
 def tokenizer_model(arg, work):
     """The SentencePiece model the converter builds the GGUF vocabulary from: --tokenizer-model, else the published
     one (tests/tokenizer_helpers.real_model_path), else a small one trained here (the vocabulary does not change
@@ -127,11 +90,7 @@ def tokenizer_model(arg, work):
         if not Path(arg).is_file():
             raise SystemExit(f"--tokenizer-model {arg} is not a file")
         return Path(arg)
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from tokenizer_helpers import real_model_path, train_tiny_model
-    finally:
-        sys.path.pop(0)
+    from tokenizer_helpers import real_model_path, train_tiny_model  # tests/ is on sys.path (see the imports)
     path = real_model_path()
     if path is None:
         path = Path(work) / "trained-tokenizer.model"
@@ -173,7 +132,11 @@ def make_ggufs(args, folder, work):
     paths, timings = {}, {}
     bf16 = out / "bf16.gguf"
     if not bf16.exists():
-        script = converter_script(find_sdist(args.sdist), work)
+        sdist = find_sdist(args.sdist)
+        try:
+            script = converter_script(sdist, Path(work) / f"sdist-{sdist.name.replace('.tar.gz', '')}")
+        except FileNotFoundError as e:
+            raise SystemExit(str(e))
         log(f"converting {folder} to {bf16} with {script} ...")
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py
         tmp = bf16.with_suffix(".tmp")

@@ -30,7 +30,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {  # name: (out_features, in_features) at ChatGLM3-6B widths
@@ -109,7 +108,7 @@ def microbench(Q, CK, repeat, rows_list=(1, 128)):
         if gemv:
             def ours():
                 w = lin.weight.detach().clone()
-                return lambda x: CK.linear_bf16(x, w, None) if x.shape[0] <= CK.BF16_GEMV_MAX_ROWS else None
+                return lambda x: CK.linear_bf16(x, w, None) if CK.linear_bf16_takes(x, w, None) else None
             variants["bf16-gemv"] = (ours, n * k * 2)
         for bits in (8, 4):
             for backend in ("cpu-avx512", "cpu-int8pack" if bits == 8 else "cpu-int4pack"):
@@ -130,9 +129,8 @@ def microbench(Q, CK, repeat, rows_list=(1, 128)):
                     if call(x) is None:
                         continue
                     rows[m][variant] = timeit(lambda: call(x), max(copies, repeat // m)) * 1e3
-            del call
+            call = None  # frees this variant's copies before the next one is built
         results.extend(rows.values())
-        del lin
     return results
 
 

@@ -33,7 +33,6 @@ prompt; it needs a transformers version that has ``GlmForCausalLM`` (>= 4.46). T
 torch and safetensors.
 """
 import argparse
-import ast
 import json
 import math
 import re
@@ -46,10 +45,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ROPE_BASE = 10000.0
-# The remote-code files: loading.py's REMOTE_CODE_FILES (the one list), read without importing it.
-CODE_FILES = tuple(next(
-    ast.literal_eval(node.value) for node in ast.parse((REPO / "loading.py").read_text(encoding="utf-8")).body
-    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
+sys.path.insert(0, str(REPO))
+from generate import CODE_FILES as _CODE_FILES  # noqa: E402  (loading.py's REMOTE_CODE_FILES, the one list)
+
+sys.path.pop(0)
+CODE_FILES = tuple(_CODE_FILES)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "added_tokens.json", "tokenization_chatglm.py")
 

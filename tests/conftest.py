@@ -1,6 +1,5 @@
 """Shared test helpers: tiny random ChatGLM3 models written to a folder and loaded back through the real
 ``from_pretrained(..., trust_remote_code=True)`` path, and locations of the reference data."""
-import ast
 import json
 import os
 import shutil
@@ -13,10 +12,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = Path(os.environ.get("CHATGLM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-# The remote-code files: loading.py's REMOTE_CODE_FILES (the one list), read without importing it.
-CODE_FILES = list(next(
-    ast.literal_eval(node.value) for node in ast.parse((REPO / "loading.py").read_text(encoding="utf-8")).body
-    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["REMOTE_CODE_FILES"]))
+sys.path.insert(0, str(REPO))
+from generate import CODE_FILES  # noqa: E402  (loading.py's REMOTE_CODE_FILES, the one list)
+
+sys.path.pop(0)
 
 try:
     from hypothesis import settings

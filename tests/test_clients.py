@@ -6,20 +6,19 @@ through the real ``from_pretrained(..., trust_remote_code=True)`` path and the p
 Each test needs its client installed and is skipped otherwise (the plain 3-version CI venvs have none of them);
 ``.ci/run``'s "clients" stage makes a venv with all of them and runs this file. References are independent of the
 code under test: our own log-softmax over a direct forward of the model, the saved safetensors, raw ids."""
-import glob
 import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import load_model
+from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist
 from tokenizer_helpers import model_dir_with_tokenizer, real_model_path
 
 GMASK, SOP, EOS = 64790, 64792, 2
@@ -267,34 +266,12 @@ def test_lm_eval_harness_scores_equal_hand_computed_values(lm_dir):
 # =====================================================================================================================
 # llama.cpp: convert_hf_to_gguf.py (from the llama-cpp-python source distribution) on a saved fine-tune
 # =====================================================================================================================
-SDIST_ENV = "LLAMA_CPP_PYTHON_SDIST"
-CONVERTER_FILES = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
-
-
 def _sdist():
-    """The llama-cpp-python sdist (.tar.gz, or its unpacked folder): ``$LLAMA_CPP_PYTHON_SDIST``, else a cached
-    copy in ``$XDG_CACHE_HOME/chatglm3-tests/``. Never downloaded here (``.ci/run``'s clients stage fetches it with
-    ``pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36``)."""
-    env = os.environ.get(SDIST_ENV)
-    if env:
-        return Path(env) if Path(env).exists() else None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatglm3-tests"
-    found = sorted(glob.glob(str(cache / "llama_cpp_python-*.tar.gz")))
-    return Path(found[-1]) if found else None
+    return find_sdist()
 
 
 def _converter(tmp_path):
-    """Path of convert_hf_to_gguf.py with its conversion/ and gguf-py/ next to it."""
-    src = _sdist()
-    if src.is_dir():
-        script = next(iter(src.glob("**/vendor/llama.cpp/convert_hf_to_gguf.py")), None)
-        assert script is not None, f"{src} holds no vendor/llama.cpp/convert_hf_to_gguf.py"
-        return script
-    with tarfile.open(src) as tar:
-        members = [m for m in tar.getmembers()
-                   if (m.isfile() or m.isdir()) and any(f in m.name for f in CONVERTER_FILES)]
-        tar.extractall(tmp_path / "sdist", members=members)
-    return next((tmp_path / "sdist").glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return converter_script(find_sdist(), tmp_path / "sdist")
 
 
 @pytest.mark.skipif(_sdist() is None, reason=f"no llama-cpp-python sdist: set {SDIST_ENV} to "
