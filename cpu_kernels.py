@@ -1,4 +1,4 @@
-"""CPU kernels for quantization.py's QuantizedLinear and modeling_chatglm.py's bf16 Linear: this package's AVX-512 C
+"""CPU kernels for quantization.py's QuantizedLinear and linear.py's bf16 Linear: this package's AVX-512 C
 kernels (built at run time with the host's C compiler, loaded with ctypes) and torch's packed int8 / int4 CPU kernels.
 
 quantization.py imports this module the first time a quantized layer is bound to the CPU, modeling_chatglm.py the

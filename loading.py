@@ -31,8 +31,9 @@ _MISSING_OK_RE = re.compile(r"(?:^|\.)(?:rotary_pos_emb\.inv_freq|prefix_encoder
 _HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "token", "use_auth_token", "revision",
                "local_files_only", "subfolder", "_commit_hash")
 _OTHER_SOURCES = ("gguf_file", "variant", "state_dict", "from_tf", "from_flax")
-REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "compat.py", "loading.py",
-                     "parallel.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py", "tokenization_chatglm.py")
+REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "linear.py", "masks.py",
+                     "generation.py", "compat.py", "loading.py", "parallel.py", "quantization.py", "cpu_kernels.py",
+                     "cuda_kernels.py", "tokenization_chatglm.py")
 
 
 def _check_scales_declared(config, scale_keys):

@@ -12,8 +12,6 @@ Checkpoint keys, config fields and the quantized storage format are exactly thos
 Everything that differs between transformers versions lives in ``compat.py``.
 """
 import math
-import os
-import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +32,6 @@ from .compat import (  # the transformers / torch version differences, by featur
     GradientCheckpointingLayer,
     _CACHE_FIELD,
     _cache_update,
-    _causal_mask,
     _hf_create_causal_mask,
     _is_cache,
     _LEGACY_GRADIENT_CHECKPOINTING,
@@ -45,16 +42,12 @@ from .compat import (  # the transformers / torch version differences, by featur
     _SDPA_HAS_GQA,
 )
 from .configuration_chatglm import ChatGLMConfig
+from .generation import GenerationSupport
+from .linear import Linear, pack_model, unpack_model
 from .loading import REMOTE_CODE_FILES, CheckpointIO  # noqa: F401 (REMOTE_CODE_FILES: public)
+from .masks import check_inputs, decoder_mask, positions_from_mask
 from .parallel import check_tensor_parallel  # noqa: F401 (public)
-from .quantization import (
-    QuantizedLinear,
-    pack as pack_quantized_weights,
-    unpack as unpack_quantized_weights,
-    quantization_backend,
-    quantize,
-    set_quantization_backend,
-)
+from .quantization import QuantizedLinear, quantization_backend, quantize, set_quantization_backend
 
 if TYPE_CHECKING:
     # quantization.py imports the kernel modules lazily; they are named here too because transformers < 5 copies
@@ -86,157 +79,6 @@ def _norm(config, device=None):
     if config.rmsnorm:
         return RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
     return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CPU bf16 weight prepacking
-# ---------------------------------------------------------------------------------------------------------------------
-def _cpu_layouts_enabled():
-    return os.environ.get("CHATGLM_CPU_PREPACK", "1").lower() not in ("0", "false", "no", "off")
-
-
-def _cpu_prepack_available():
-    """oneDNN's prepacked bf16 linear: present in CPU builds of torch >= 2.0 with mkldnn and a CPU with bf16 support."""
-    try:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - builds without these ops
-        return False
-
-
-_CPU_PREPACK = None
-_CPU_GEMV = None
-
-
-def _cpu_prepack_enabled():
-    global _CPU_PREPACK
-    if _CPU_PREPACK is None:
-        _CPU_PREPACK = _cpu_prepack_available()
-    return _CPU_PREPACK
-
-
-def _cpu_gemv_kernel():
-    """This package's bf16 decode kernel as ``(linear_bf16_takes, linear_bf16)`` from ``cpu_kernels``, where its C
-    library builds on this machine (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried
-    once per process."""
-    global _CPU_GEMV
-    if _CPU_GEMV is None:
-        from .cpu_kernels import linear_bf16, linear_bf16_takes, load as load_cpu_kernels
-
-        _CPU_GEMV = (linear_bf16_takes, linear_bf16) if load_cpu_kernels() is not None else False
-    return _CPU_GEMV or None
-
-
-_PACK_LOCK = threading.RLock()
-
-
-class PackedWeight(nn.Parameter):
-    """A bf16 weight held in oneDNN's prepacked (blocked) layout for CPU inference: same shape, dtype and number
-    of elements as the dense weight, so ``parameters()``, ``num_parameters()`` and ``get_memory_footprint()`` do
-    not change. Copying or pickling it gives the dense weight."""
-
-    dense_requires_grad = False  # what the dense Parameter had (copies get it back)
-
-    def _dense_copy(self):
-        return nn.Parameter(self.to_dense(), requires_grad=self.dense_requires_grad)
-
-    def __deepcopy__(self, memo):
-        memo[id(self)] = copy = self._dense_copy()
-        return copy
-
-    def __reduce_ex__(self, protocol):
-        return self._dense_copy().__reduce_ex__(protocol)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` with an explicit inference binding for bf16 on CPU.
-
-    oneDNN's GEMV on a plain ``[out, in]`` bf16 weight re-blocks (copies) the whole weight at every matmul, so a
-    decode step (one row, memory bound) reads the weights about twice. :meth:`pack` (``model.pack_weights()``,
-    which ``generate`` calls) fixes that in one of two ways:
-
-    - where this package's CPU kernels build (x86-64 with AVX-512), it binds their bf16 GEMV
-      (``cpu_kernels.linear_bf16``) for inputs of up to 4 rows; the weight stays exactly as it is;
-    - else it replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout (no second
-      copy); :meth:`unpack` puts the original Parameter object back with the dense values.
-
-    Undone first by ``train()``, ``.to()``/``.float()``/``.cuda()``, ``state_dict()``/``save_pretrained``,
-    ``load_state_dict``, ``quantize()``, and a forward that needs autograd or another dtype.
-    ``CHATGLM_CPU_PREPACK=0`` turns both off.
-    """
-
-    prepack = True  # False for a layer whose weight may be shared (tied) with another module
-    gemv_bound = False  # True while the bf16 decode kernel is bound
-
-    @property
-    def is_packed(self):
-        return self.gemv_bound or isinstance(self._parameters.get("weight"), PackedWeight)
-
-    def pack(self):
-        """Bind the bf16 CPU decode kernel, or move to oneDNN's layout, when the layer is bf16 on CPU (no-op
-        otherwise, or when already packed)."""
-        weight = self._parameters["weight"]
-        if (self.is_packed or not self.prepack or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
-                or weight.dim() != 2 or not _cpu_layouts_enabled()):
-            return self
-        if weight.is_contiguous() and _cpu_gemv_kernel() is not None:
-            self.gemv_bound = True
-            return self
-        if not _cpu_prepack_enabled():
-            return self
-        with torch.inference_mode(False), torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-            self._dense_weight = (weight,)  # the original Parameter object, emptied; unpack() refills it
-            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
-        self._parameters["weight"] = PackedWeight(packed, requires_grad=False)
-        self._parameters["weight"].dense_requires_grad = weight.requires_grad
-        return self
-
-    def unpack(self):
-        """Back to the dense weight in the original Parameter object, no kernel bound (no-op when not packed)."""
-        self.gemv_bound = False
-        if isinstance(self._parameters.get("weight"), PackedWeight):
-            (weight,) = self._dense_weight
-            with torch.inference_mode(False), torch.no_grad():
-                weight.data = self._parameters["weight"].to_dense()
-            self._parameters["weight"] = weight
-            self._dense_weight = None
-        return self
-
-    def forward(self, x):
-        if self.gemv_bound:
-            weight, bias, kernel = self.weight, self.bias, _cpu_gemv_kernel()
-            if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.bfloat16
-                    or weight.device.type != "cpu" or torch.is_grad_enabled() or kernel is None):
-                self.unpack()  # autograd or another dtype: no binding (the weight is dense already)
-            elif kernel[0](x, weight, bias):  # linear_bf16_takes; else torch's F.linear on the same weight
-                out = kernel[1](x.reshape(-1, x.shape[-1]), weight, bias)
-                return out.view(*x.shape[:-1], out.shape[-1])
-        elif self.is_packed:
-            if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
-                out = torch.ops.mkldnn._linear_pointwise(
-                    x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
-                return out.view(*x.shape[:-1], out.shape[-1])
-            self.unpack()  # autograd or another dtype needs the dense weight
-        return F.linear(x, self.weight, self.bias)
-
-    def train(self, mode=True):
-        if mode:
-            self.unpack()
-        return super().train(mode)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.unpack()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.unpack()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.unpack()
-        return super()._apply(fn, *args, **kwargs)
 
 
 def _linear(config, in_features, out_features, bias, device=None):
@@ -520,29 +362,15 @@ class ChatGLMPreTrainedModel(CheckpointIO, PreTrainedModel):
     _keys_to_ignore_on_load_missing = [r"rotary_pos_emb\.inv_freq"]
 
     def pack_weights(self):
-        """The named conversion to inference layouts (``generate`` calls it): quantized layers to their kernel's
-        layout (``quantization.pack``), bf16 CPU linears to oneDNN's (:meth:`Linear.pack`). ``parameters()``,
-        ``num_parameters()`` and ``get_memory_footprint()`` stay the same; ``train()``, ``.to()``,
-        ``state_dict()``, saving and :meth:`unpack_weights` undo it. A layer an adapter wraps (PEFT's
-        ``base_layer``) stays dense, since adapters merge into it."""
-        with _PACK_LOCK:  # stream_chat generates in a worker thread
-            pack_quantized_weights(self)
-            if getattr(self.forward, "_torchdynamo_orig_callable", None) is not None:
-                return self  # forward = torch.compile(forward): the compiler lays the bf16 weights out itself
-            wrapped = {id(m.base_layer) for m in self.modules() if isinstance(getattr(m, "base_layer", None), Linear)}
-            for module in self.modules():
-                if isinstance(module, Linear) and id(module) not in wrapped:
-                    module.pack()
-        return self
+        """The named conversion to inference layouts (``generate`` calls it; ``linear.pack_model``): quantized
+        layers to their kernel's layout (``QuantizedLinear.pack``), bf16 CPU linears to theirs (``Linear.pack``).
+        ``parameters()``, ``num_parameters()`` and ``get_memory_footprint()`` of unquantized models stay the same;
+        ``train()``, ``.to()``, ``state_dict()``, saving and :meth:`unpack_weights` undo it."""
+        return pack_model(self)
 
     def unpack_weights(self):
         """Every layer back to its dense / stored weights (what :meth:`pack_weights` did, undone)."""
-        with _PACK_LOCK:
-            unpack_quantized_weights(self)
-            for module in self.modules():
-                if isinstance(module, Linear):
-                    module.unpack()
-        return self
+        return unpack_model(self)
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -645,118 +473,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             return held
         return held - self.pre_seq_len if held else 0
 
-    # -- input checking -------------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len, prefill):
-        """Shapes and dtypes always; values (which read tensors back to the host) only at ``prefill``."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
-                            ("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if value is not None and not isinstance(value, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if input_ids is not None:
-            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-            if prefill and input_ids.numel():
-                low, high = int(input_ids.min()), int(input_ids.max())
-                vocab = self.config.padded_vocab_size
-                if low < 0 or high >= vocab:
-                    bad = low if low < 0 else high
-                    raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
-            batch, seq = input_ids.shape
-        else:
-            if inputs_embeds.dim() != 3:
-                raise ValueError(f"inputs_embeds must be 3-D, got shape {tuple(inputs_embeds.shape)}")
-            batch, seq = inputs_embeds.shape[:2]
-            expected = self.embedding.word_embeddings.weight.dtype
-            if inputs_embeds.dtype != expected:
-                raise ValueError(f"inputs_embeds has dtype {inputs_embeds.dtype}, but the model runs in {expected}")
-        if batch == 0 or seq == 0:
-            raise ValueError(f"empty input: batch={batch}, seq={seq}")
-        if attention_mask is not None and attention_mask.dim() == 4:  # prepared by the caller (continuous batching)
-            if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq:
-                raise ValueError(f"a 4-D attention_mask must be [batch, 1, {seq}, keys], got "
-                                 f"{tuple(attention_mask.shape)}")
-            if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
-                raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or additive float, got dtype "
-                                 f"{attention_mask.dtype}")
-        elif attention_mask is not None:
-            # A cache counting on the device (static) has a tensor length: only the batch size is checked then.
-            lengths = (seq, past_len + seq) if isinstance(past_len, int) else (attention_mask.shape[1],)
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in lengths:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {past_len + seq}] "
-                    f"(batch, past + new tokens)")
-            if prefill and attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
-                raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got {bad!r}")
-        if position_ids is not None:
-            if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"position_ids has shape {tuple(position_ids.shape)}; expected [{batch}, {seq}] like input_ids")
-            if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
-                raise ValueError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-            if prefill and position_ids.numel() and int(position_ids.min()) < 0:
-                raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
-        return batch, seq
-
-    # -- masks and positions -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _positions_from_mask(attention_mask, seq):
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-        return positions[:, -seq:]
-
-    @staticmethod
-    def _padding_queries_attend_everywhere(mask, attention_mask, seq):
-        """The published rule for padding positions (original code, diffusers' bundled Kolors encoder): a padding
-        query attends to every key, so its row is never empty and its hidden states are those the original gives
-        (Kolors feeds the padded rows of ``hidden_states[-2]`` to its UNet, bit for bit). Applied to transformers'
-        bool (SDPA) or additive (eager) masks; no host read."""
-        if not isinstance(mask, torch.Tensor) or attention_mask is None or attention_mask.dim() != 2:
-            return mask
-        pad_query = ~attention_mask[:, -seq:].bool()[:, None, :, None]  # [b, 1, seq, 1]
-        if mask.dtype == torch.bool:
-            return mask | pad_query
-        return mask.masked_fill(pad_query, 0.0)
-
-    def _attention_mask(self, attention_mask, full_attention_mask, batch, seq, past_len, device):
-        """Return (mask, is_causal). mask is bool [b, 1, seq, kv_len], True = attend, or None.
-
-        ``past_len`` counts every key before the new tokens, p-tuning prefix included. Nothing here reads a tensor
-        back to the host in a decode step (one new token)."""
-        kv_len = past_len + seq
-        if full_attention_mask is not None:  # published convention: True = masked
-            return ~full_attention_mask.bool(), False
-        if attention_mask is not None and attention_mask.dim() == 4:  # already prepared (bool or additive)
-            return attention_mask, False
-        prefix_len = self.pre_seq_len or 0
-        if attention_mask is None:
-            if seq == 1:
-                return None, False
-            if past_len == 0:
-                return None, True
-            key_valid = None
-        else:
-            key_valid = attention_mask.bool()
-            if key_valid.shape[1] == seq and past_len - prefix_len > 0:  # mask given for new tokens only
-                key_valid = torch.cat([key_valid.new_ones(batch, past_len - prefix_len), key_valid], dim=1)
-            if prefix_len:
-                key_valid = torch.cat([key_valid.new_ones(batch, prefix_len), key_valid], dim=1)
-            if seq == 1:  # a padding query attends to everything (below), so no row becomes NaN
-                return key_valid[:, None, None, :] | ~key_valid[:, None, None, -1:], False
-            if past_len == 0 and _reads_values() and bool(key_valid.all()):
-                return None, True
-        q_pos = torch.arange(past_len, kv_len, device=device)
-        k_pos = torch.arange(kv_len, device=device)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(batch, 1, seq, kv_len)
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, None, :]
-            # A padding query has no valid key; let it attend to everything so no row becomes NaN.
-            mask = mask | ~key_valid[:, None, -seq:, None]
-        return mask, False
-
     def forward(
         self,
         input_ids=None,
@@ -818,7 +534,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         past_len = self.past_length(past)
         # Values are checked once, at prefill in eager mode: a decode step reads nothing back to the host.
         prefill = not paged and isinstance(past_len, int) and past_len == 0 and _reads_values()
-        batch, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len, prefill)
+        batch, seq = check_inputs(cfg.padded_vocab_size, self.embedding.word_embeddings.weight.dtype, input_ids,
+                                  inputs_embeds, attention_mask, position_ids, past_len, prefill)
         if inputs_embeds is None:
             if input_ids.dtype not in (torch.int32, torch.int64):  # uint8/int8/int16: nn.Embedding wants int32/64
                 input_ids = input_ids.long()
@@ -842,26 +559,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         given_positions = position_ids
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = self._positions_from_mask(attention_mask, seq)
+                position_ids = positions_from_mask(attention_mask, seq)
             else:
                 position_ids = (torch.arange(seq, device=device) + past_len).unsqueeze(0)
         if prefill and int(position_ids.max()) >= self.seq_length:
             logger.warning_once(f"a position is beyond config.seq_length ({self.seq_length}); rotary angles are "
                                 f"computed exactly, but the model was not trained that far")
         rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
-        if _hf_create_causal_mask is not None and full_attention_mask is None and not prefix_len:
-            # transformers' masks: sized for the cache (a static cache returns all its slots), in the format of
-            # the attention implementation (bool, additive, flex BlockMask), prepared 4-D masks passed through.
-            if (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == seq
-                    and isinstance(past_len, int) and past_len > 0):  # a mask for the new tokens only
-                attention_mask = torch.cat([attention_mask.new_ones(batch, past_len), attention_mask], dim=1)
-            mask = _causal_mask(cfg, hidden_states, attention_mask, past, cache_position, given_positions)
-            mask = self._padding_queries_attend_everywhere(mask, attention_mask, seq)
-            is_causal = mask is None and seq > 1
-        else:
-            mask, is_causal = self._attention_mask(
-                attention_mask, full_attention_mask, batch, seq, past_len + prefix_len, device)
-
+        mask, is_causal = decoder_mask(cfg, hidden_states, attention_mask, full_attention_mask, past, past_len,
+                                       prefix_len, cache_position, given_positions)
         hidden_states, all_hidden, all_probs = self.encoder(
             hidden_states, rotary, mask, is_causal, prefixes=prefixes, cache=past,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions, seq_first=seq_first,
@@ -896,7 +602,7 @@ class ChatGLMBatchFirstModel(ChatGLMModel):
         return view
 
 
-class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMForConditionalGeneration(ChatMixin, GenerationSupport, ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM3 with its language-model head (``output_layer``). Logits are ``[batch, seq, vocab]``."""
 
     _tied_weights_keys = {}
@@ -991,93 +697,6 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
-
-    # -- generation ---------------------------------------------------------------------------------------------------
-    def generate(self, inputs=None, *args, **kwargs):
-        """``GenerationMixin.generate`` with the prompt checked first, so that every transformers version gives
-        the same clear ``ValueError`` (4.30 indexes an empty prompt before the model sees it, and generates one
-        token for ``max_new_tokens=0``)."""
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
-            if ids.dim() != 2 or ids.numel() == 0:
-                raise ValueError(f"generate() needs a non-empty [batch, seq] prompt, got input_ids of shape "
-                                 f"{tuple(ids.shape)}")
-        mask = kwargs.get("attention_mask")
-        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
-            # transformers 5 drops an all-ones mask before the model could notice its shape
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)} like "
-                             f"input_ids")
-        max_new = kwargs.get("max_new_tokens")
-        if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0):
-            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new!r}.")
-        if not self.training:
-            self.pack_weights()
-        return super().generate(inputs, *args, **kwargs)
-
-    def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-        use_cache=None, **kwargs,
-    ):
-        """Works with the generate() of every supported transformers version: slices the new tokens using
-        the cache length, keeps position ids right for left-padded batches (derived from the attention mask, or
-        continued from the ones the tokenizer supplied), and passes every other model kwarg through."""
-        past = kwargs.pop("cache", None)
-        if past is None:
-            past = past_key_values
-        past_len = self.transformer.past_length(past)
-        seq = kwargs.pop("next_sequence_length", None)  # transformers >= 5.24 says how many tokens are new
-        if seq is None and kwargs.get("cache_position") is not None:  # 4.36 - 5.23
-            seq = kwargs["cache_position"].shape[0]
-        model_inputs = {}
-        if inputs_embeds is not None and (past_len == 0 or input_ids.shape[1] == 0):
-            # The prompt as embeddings (its start may already be in a cache from an earlier generate).
-            if inputs_embeds.shape[1] <= past_len:
-                raise ValueError(f"inputs_embeds has {inputs_embeds.shape[1]} positions but the cache already holds "
-                                 f"{past_len}: pass the whole sequence (cached part included)")
-            model_inputs["inputs_embeds"] = inputs_embeds[:, past_len:]
-            total = inputs_embeds.shape[1]
-            seq = total - past_len
-        else:
-            # New tokens: what generate says, else everything past the cache. After a prompt given as
-            # inputs_embeds, input_ids holds only the generated tokens, so it can be shorter than the cache.
-            total = input_ids.shape[1]
-            if seq is None:
-                seq = total - past_len if total > past_len else 1
-            # contiguous, as generate() makes them: a strided slice would recompile a compiled forward per step
-            model_inputs["input_ids"] = input_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
-            total = max(total, past_len + seq)
-        if position_ids is not None:
-            missing = total - position_ids.shape[1]
-            if missing > 0:  # transformers 4.x does not extend user-supplied position_ids
-                step = torch.arange(1, missing + 1, device=position_ids.device, dtype=position_ids.dtype)
-                position_ids = torch.cat([position_ids, position_ids[:, -1:] + step], dim=1)
-            position_ids = position_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
-        elif attention_mask is not None:
-            position_ids = ChatGLMModel._positions_from_mask(attention_mask, seq).contiguous()
-        if (getattr(past, "is_compileable", False) and _hf_create_causal_mask is not None and not self.config.pre_seq_len
-                and attention_mask is not None and attention_mask.dim() == 2):
-            # A static cache: the mask is built here, outside a compiled forward, at the cache's fixed size (as
-            # generate() does for in-library models), so every decode step feeds the same shapes.
-            b = attention_mask.shape[0]
-            stub = torch.empty(b, seq, 0, dtype=self.transformer.embedding.word_embeddings.weight.dtype,
-                               device=attention_mask.device)
-            positions = kwargs.get("cache_position")
-            if positions is None:
-                positions = torch.arange(seq, device=attention_mask.device) + past_len
-            full = _causal_mask(self.config, stub, attention_mask, past, positions, None)
-            if full is not None:
-                attention_mask = ChatGLMModel._padding_queries_attend_everywhere(full, attention_mask, seq)
-        model_inputs.update(
-            past_key_values=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
-        if "logits_to_keep" not in kwargs:
-            model_inputs["return_last_logit"] = True
-        for key, value in kwargs.items():  # output_hidden_states, output_attentions, logits_to_keep, ...
-            model_inputs.setdefault(key, value)
-        return model_inputs
-
-    def _reorder_cache(self, past_key_values, beam_idx):  # transformers < 4.42 beam search
-        past_key_values.reorder_cache(beam_idx)
-        return past_key_values
 
     # -- quantization -------------------------------------------------------------------------------------------------
     def quantization_backend(self) -> str:

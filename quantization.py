@@ -12,11 +12,11 @@ Storage format (the published one; checkpoints written by the original code load
 * ``bias`` (query_key_value has one) stays in the model dtype.
 * An all-zero row gets scale 0 and q = 0, so it dequantizes to exact zeros (the original computed 0/0 = NaN).
 
-Use: :func:`quantize` converts a model in place; :func:`pack` (``generate`` may call it) binds every quantized
-layer to the fastest backend for its device and dtype and, where that backend reads a weight layout of its own,
-re-lays the weight out once; :func:`unpack` (also done by ``.to()``, ``train()`` and ``load_state_dict``) undoes
-it. ``state_dict()`` always gives the stored format. A layer that is not packed binds, on its first forward for a
-device and dtype, the fastest backend that reads the stored format as it is.
+Use: :func:`quantize` converts a model in place; :meth:`QuantizedLinear.pack` (``model.pack_weights()``, which
+``generate`` calls) binds a layer to the fastest backend for its device and dtype and, where that backend reads a
+weight layout of its own, re-lays the weight out once; ``unpack()`` undoes it, and so do ``.to()``, ``train()``,
+``state_dict()`` and ``load_state_dict`` (``linear.InferenceLayout``). A layer that is not packed binds, on its
+first forward for a device and dtype, the fastest backend that reads the stored format as it is.
 
 Compute backends (:func:`quantization_backend` says which runs; :func:`set_quantization_backend` forces one):
 
@@ -36,7 +36,6 @@ name                device layout  what runs
 The kernel modules are imported the first time a layer is bound to a device that uses them; ``cpm_kernels`` only
 when its launcher is first asked for. Anything missing there falls back (with one warning) instead of failing.
 """
-import threading
 from typing import Optional, Tuple
 
 import torch
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .configuration_chatglm import SUPPORTED_QUANTIZATION_BITS
+from .linear import PACK_LOCK, InferenceLayout
 
 logger = logging.get_logger(__name__)
 
@@ -58,7 +58,6 @@ BACKENDS = CPU_BACKENDS + CUDA_BACKENDS + ("torch-dequant",)
 
 _forced_backend: Optional[str] = None
 _choice_epoch = 0  # bumped by set_quantization_backend: unpacked layers choose again
-_pack_lock = threading.RLock()  # layout changes (generate may run in a worker thread)
 _warned = set()
 
 
@@ -235,7 +234,7 @@ def set_quantization_backend(name: Optional[str]):
 # ---------------------------------------------------------------------------------------------------------------------
 # QuantizedLinear
 # ---------------------------------------------------------------------------------------------------------------------
-class QuantizedLinear(torch.nn.Module):
+class QuantizedLinear(InferenceLayout, torch.nn.Module):
     """A linear layer with a weight-only int8 / int4 weight in the published storage format.
 
     Parameters (the checkpoint keys): ``weight`` int8 [out, in*bits/8], ``weight_scale`` [out] and ``bias``
@@ -244,8 +243,7 @@ class QuantizedLinear(torch.nn.Module):
     ``backend`` names the bound kernel (None until the first forward or :meth:`pack`). While ``is_packed``, the
     weight lives in the non-persistent buffer ``packed_weight`` in the kernel's layout (same size) with the scales
     in the form it wants in ``scale_table``, and ``weight`` is an empty placeholder (the same Parameter object);
-    :meth:`stored_weight` and ``state_dict()`` give the stored format bit for bit. Change the weights of an
-    unpacked layer only (``load_state_dict`` unpacks first).
+    :meth:`stored_weight` gives the stored format bit for bit, and ``state_dict()`` unpacks first.
     """
 
     def __init__(self, in_features, out_features, bits, bias=False, dtype=torch.float16, device=None):
@@ -300,7 +298,7 @@ class QuantizedLinear(torch.nn.Module):
         """Bind the fastest backend for this layer's device and ``dtype`` inputs (default: the model dtype) and, if
         it reads a layout of its own, re-lay the weight out for it, once. No-op when already so."""
         device, dtype = self.weight_scale.device, dtype or self.weight_scale.dtype
-        with _pack_lock, torch.inference_mode(False), torch.no_grad():
+        with PACK_LOCK, torch.inference_mode(False), torch.no_grad():
             kernel = _choose(self, device, dtype, packed_ok=True)
             if not (self.backend == kernel.name and self._bound_for and self._bound_for[:2] == (device, dtype)):
                 self.unpack()
@@ -315,7 +313,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def unpack(self) -> "QuantizedLinear":
         """Back to the stored format with no backend bound (no-op when not packed)."""
-        with _pack_lock, torch.inference_mode(False), torch.no_grad():
+        with PACK_LOCK, torch.inference_mode(False), torch.no_grad():
             if self.is_packed:
                 self._parameters["weight"].data = self.stored_weight()
                 self.packed_weight = self.scale_table = None
@@ -336,29 +334,11 @@ class QuantizedLinear(torch.nn.Module):
         device = torch.device(device) if device is not None else self.weight_scale.device
         return _choose(self, device, dtype or self.weight_scale.dtype, packed_ok=False).name
 
-    # -- nn.Module hooks: every way out gives the stored format ------------------------------------------------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.is_packed:
-            destination[prefix + "weight"] = self.stored_weight()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict:
             check_quantized_weight(key, state_dict[key], self.out_features, self.in_features, self.weight_bit_width)
-        self.unpack()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.unpack()  # a packed layout means nothing on another device or for another dtype
-        return super()._apply(fn, *args, **kwargs)
-
-    def train(self, mode: bool = True):
-        if mode:
-            self.unpack()
-        return super().train(mode)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # unpacks first (InferenceLayout)
 
     # -- compute ------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -519,22 +499,6 @@ def quantize(model: torch.nn.Module, bits: int, quantize_output_layer: bool = Fa
     if quantize_output_layer:
         config.quantize_output_layer = True
     return model
-
-
-def pack(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-    """:meth:`QuantizedLinear.pack` every quantized layer under ``module`` (cheap when already packed)."""
-    for sub in module.modules():
-        if isinstance(sub, QuantizedLinear):
-            sub.pack(dtype)
-    return module
-
-
-def unpack(module: torch.nn.Module) -> torch.nn.Module:
-    """:meth:`QuantizedLinear.unpack` every quantized layer under ``module``."""
-    for sub in module.modules():
-        if isinstance(sub, QuantizedLinear):
-            sub.unpack()
-    return module
 
 
 def quantization_backend(model_or_module: Optional[torch.nn.Module] = None) -> str:

@@ -2,7 +2,7 @@
 
 1. Per-linear microbenchmark for the four block linears of ChatGLM3-6B and its output layer, at M = 1 (one decode
    token) and M = 128 (a prefill): bf16 ``F.linear``, bf16 with the weight prepacked for oneDNN, bf16 through this
-   package's GEMV (``cpu_kernels.linear_bf16``, M <= 4: what modeling_chatglm.py's ``Linear`` binds where the C
+   package's GEMV (``cpu_kernels.linear_bf16``, M <= 4: what linear.py's ``Linear`` binds where the C
    kernels build), and ``QuantizedLinear`` int8 / int4 with each CPU backend (``cpu-avx512``: this package's C
    kernels; ``cpu-int8pack`` / ``cpu-int4pack``: torch's). Each variant rotates over copies of its weight larger
    than twice the last-level cache, so every call reads the weight from memory as in a model.
@@ -259,7 +259,7 @@ def main():
         results = {}
         outputs = {}
         for bits in (0, 8, 4):
-            m = model if bits == 0 else qmod.pack(copy.deepcopy(model).quantize(bits))
+            m = model if bits == 0 else copy.deepcopy(model).quantize(bits).pack_weights()
             ms, out = decode_ms_per_token(m, args.tokens)
             results[bits] = dict(ms_per_token=ms, block_linear_bytes=linear_bytes(m, Q),
                                  backend=qmod.quantization_backend(m) if bits else "bf16 F.linear",

@@ -188,7 +188,8 @@ def test_int4_cpu_layout_packed_once_and_state_dict_gives_back_stored_format():
     assert layer.packed_weight is packed  # packing again is a no-op
     sd = layer.state_dict()
     assert set(sd) == {"weight", "weight_scale", "bias"}  # runtime buffers are not persistent
-    assert torch.equal(sd["weight"], stored) and layer.is_packed  # state_dict() does not unpack
+    assert torch.equal(sd["weight"], stored) and not layer.is_packed  # state_dict() unpacks first
+    layer.pack()
     assert torch.equal(layer.stored_weight(), stored)
     # chunked packing equals packing in one go
     old = CK.PACK_CHUNK_ROWS
@@ -376,7 +377,7 @@ def test_model_logits_match_dequantized_float_model_for_every_cpu_backend(float_
             for backend in ("auto", CPU_BACKEND_FOR_BITS[bits], "torch-dequant"):
                 qmod.set_quantization_backend(backend)
                 want = "torch-dequant" if backend == "torch-dequant" else CPU_BACKEND_FOR_BITS[bits]
-                assert qmod.quantization_backend(qmod.pack(model)) == want
+                assert qmod.quantization_backend(model.pack_weights()) == want
                 got = model(ids).logits
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         finally:
@@ -397,8 +398,7 @@ def test_int8_greedy_decoding_mostly_agrees_with_float(float_dir):
 @pytest.mark.parametrize("bits", (8, 4))
 def test_save_load_round_trip(float_dir, tmp_path, bits):
     model = _quiet_load(float_dir).quantize(bits)
-    qmod = quantization_module_of(model)
-    qmod.pack(model)  # int4: the CPU layout; the saved file must still be the stored one
+    model.pack_weights()  # int4: the CPU layout; the saved file must still be the stored one
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
@@ -415,7 +415,7 @@ def test_save_load_round_trip(float_dir, tmp_path, bits):
         assert type(lin).__name__ == "QuantizedLinear"
         for p in ("weight", "weight_scale"):
             assert torch.equal(sd[f"{name}.{p}"], stored[f"{name}.{p}"]), name
-    quantization_module_of(loaded).pack(loaded)
+    loaded.pack_weights()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
 
@@ -589,7 +589,7 @@ def test_resident_bytes_of_quantized_linears(tmp_path, bits, limit):
     float_bytes = sum(resident(m) for m in block_linears(model).values())
     footprint_before = model.get_memory_footprint()
     model.quantize(bits)
-    quantization_module_of(model).pack(model)  # int4: repacked for the CPU kernel, still one copy
+    model.pack_weights()  # int4: repacked for the CPU kernel, still one copy
     with torch.no_grad():
         model(_ids())
     quant_bytes = sum(resident(m) for m in block_linears(model).values())
@@ -783,7 +783,8 @@ def test_cpu_kernel_layout_life_cycle(bits):
     assert layer.packed_weight is packed  # not repacked per call
     sd = layer.state_dict()
     assert set(sd) == {"weight", "weight_scale", "bias"} and torch.equal(sd["weight"], stored)
-    assert torch.equal(layer.stored_weight(), stored)
+    assert not layer.is_packed and torch.equal(layer.weight, stored)  # state_dict() unpacks first
+    assert layer.pack().backend == "cpu-avx512"
     # switching to torch's kernel and back changes the resident layout, never the stored weight
     Q.set_quantization_backend(CPU_BACKEND_FOR_BITS[bits])
     with torch.no_grad():
@@ -826,7 +827,7 @@ def kernel_float_dir(tmp_path_factory):
 def test_cpu_kernel_model_matches_dequantized_float_model(kernel_float_dir, bits):
     model = _quiet_load(kernel_float_dir).quantize(bits)
     qmod = quantization_module_of(model)
-    assert qmod.quantization_backend(qmod.pack(model)) == "cpu-avx512"
+    assert qmod.quantization_backend(model.pack_weights()) == "cpu-avx512"
     ref = _dequantized_float_model(kernel_float_dir, model)
     ids = _ids(n=12)
     with torch.no_grad():
@@ -1028,22 +1029,21 @@ def test_every_quantize_method_is_the_same_conversion_and_honours_its_arguments(
 
 def test_model_pack_unpack_and_the_ways_back_to_the_stored_format(float_dir):
     model = _quiet_load(float_dir).quantize(4)
-    qmod = quantization_module_of(model)
     layers = list(block_linears(model).values())
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
     ids = _ids()
     with torch.no_grad():
         unpacked_logits = model(ids).logits
-    assert qmod.pack(model) is model
+    assert model.pack_weights() is model
     assert all(m.is_packed and m.backend == "cpu-int4pack" for m in layers)
     assert [id(p) for p in model.parameters()] == params  # the same Parameter objects throughout
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, unpacked_logits, rtol=1e-4, atol=1e-4)
     sd = model.state_dict()
-    assert all(torch.equal(sd[k], v) for k, v in stored.items()) and all(m.is_packed for m in layers)
-    for undo in (lambda m: qmod.unpack(m), lambda m: m.train(), lambda m: m.float(), lambda m: m.to("cpu")):
-        qmod.pack(model.eval())
+    assert all(torch.equal(sd[k], v) for k, v in stored.items()) and not any(m.is_packed for m in layers)
+    for undo in (lambda m: m.unpack_weights(), lambda m: m.train(), lambda m: m.float(), lambda m: m.to("cpu")):
+        model.eval().pack_weights()
         undo(model)
         assert not any(m.is_packed or m.packed_weight is not None for m in layers)
         sd = model.state_dict()
@@ -1062,7 +1062,7 @@ qmod = sys.modules[package + ".quantization"]
 ids = torch.load(io_file)["ids"]
 with torch.no_grad():
     unpacked = model(ids).logits
-    packed = qmod.pack(model)(ids).logits
+    packed = model.pack_weights()(ids).logits
 cache = os.path.dirname(sys.modules[type(model).__module__].__file__)
 torch.save({"unpacked": unpacked, "packed": packed, "lazy": lazy, "backend": qmod.quantization_backend(model),
             "cached": sorted(f for f in os.listdir(cache) if f.endswith(".py")),
@@ -1082,7 +1082,7 @@ def test_saved_quantized_model_loads_and_runs_in_a_fresh_process(float_dir, tmp_
     ids = _ids()
     with torch.no_grad():
         unpacked = model(ids).logits
-        packed = quantization_module_of(model).pack(model)(ids).logits
+        packed = model.pack_weights()(ids).logits
     io_file = tmp_path / "io.pt"
     torch.save({"ids": ids}, io_file)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_", "TRANSFORMERS_"))}

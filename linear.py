@@ -1,0 +1,188 @@
+"""Linear layers and their inference layouts: one explicit conversion for every layer kind.
+
+A layer that can hold its weight in a faster inference layout derives from :class:`InferenceLayout`: ``pack()``
+converts it (or binds a kernel), ``unpack()`` undoes it, and every way out -- ``train()``, ``.to()`` and the other
+moves, ``state_dict()`` / saving, ``load_state_dict`` -- unpacks first, so what leaves the layer is always the
+dense (or, for ``quantization.QuantizedLinear``, the published stored) weight. :func:`pack_model` /
+:func:`unpack_model` do it for a whole model (``model.pack_weights()``, which ``generate`` calls). Nothing packs
+implicitly: a forward never changes a layer's layout.
+
+:class:`Linear` is the block / output linear of an unquantized model: ``nn.Linear`` plus the bf16 CPU layouts.
+"""
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACK_LOCK = threading.RLock()  # layout changes (stream_chat generates in a worker thread)
+
+
+def cpu_layouts_enabled():
+    """``CHATGLM_CPU_PREPACK=0`` turns the bf16 CPU layouts off."""
+    return os.environ.get("CHATGLM_CPU_PREPACK", "1").lower() not in ("0", "false", "no", "off")
+
+
+_CPU_PREPACK = None
+_CPU_GEMV = None
+
+
+def cpu_prepack_enabled():
+    """oneDNN's prepacked bf16 linear: CPU builds of torch >= 2.0 with mkldnn, on a CPU with bf16 support."""
+    global _CPU_PREPACK
+    if _CPU_PREPACK is None:
+        mkldnn = torch.ops.mkldnn
+        try:
+            _CPU_PREPACK = bool(torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+                                and hasattr(mkldnn, "_reorder_linear_weight") and mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # pragma: no cover - builds without these ops
+            _CPU_PREPACK = False
+    return _CPU_PREPACK
+
+
+def cpu_gemv_kernel():
+    """This package's bf16 decode kernel as ``(linear_bf16_takes, linear_bf16)`` from ``cpu_kernels``, where its C
+    library builds on this machine (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried
+    once per process."""
+    global _CPU_GEMV
+    if _CPU_GEMV is None:
+        from .cpu_kernels import linear_bf16, linear_bf16_takes, load as load_cpu_kernels
+
+        _CPU_GEMV = (linear_bf16_takes, linear_bf16) if load_cpu_kernels() is not None else False
+    return _CPU_GEMV or None
+
+
+class InferenceLayout:
+    """Mixin for an ``nn.Module`` with an inference layout: subclasses define ``is_packed``, ``pack()`` and
+    ``unpack()`` (both idempotent); every way out of the layer unpacks first."""
+
+    def train(self, mode=True):
+        if mode:
+            self.unpack()
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.unpack()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.unpack()  # a packed layout means nothing on another device or for another dtype
+        return super()._apply(fn, *args, **kwargs)
+
+
+def pack_model(model):
+    """Pack every :class:`InferenceLayout` layer of ``model``. A dense :class:`Linear` that an adapter wraps (PEFT's
+    ``base_layer``) stays dense, since adapters merge into it; under ``torch.compile`` (a compiled ``forward``) the
+    compiler lays the dense weights out itself."""
+    with PACK_LOCK:
+        compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
+        wrapped = {id(m.base_layer) for m in model.modules() if isinstance(getattr(m, "base_layer", None), Linear)}
+        for module in model.modules():
+            if isinstance(module, Linear) and (compiled or id(module) in wrapped):
+                continue
+            if isinstance(module, InferenceLayout):
+                module.pack()
+    return model
+
+
+def unpack_model(model):
+    """Every layer of ``model`` back to its dense / stored weight."""
+    with PACK_LOCK:
+        for module in model.modules():
+            if isinstance(module, InferenceLayout):
+                module.unpack()
+    return model
+
+
+class PackedWeight(nn.Parameter):
+    """A bf16 weight held in oneDNN's prepacked (blocked) layout for CPU inference: same shape, dtype and number
+    of elements as the dense weight, so ``parameters()``, ``num_parameters()`` and ``get_memory_footprint()`` do
+    not change. Copying or pickling it gives the dense weight."""
+
+    dense_requires_grad = False  # what the dense Parameter had (copies get it back)
+
+    def _dense_copy(self):
+        return nn.Parameter(self.to_dense(), requires_grad=self.dense_requires_grad)
+
+    def __deepcopy__(self, memo):
+        memo[id(self)] = copy = self._dense_copy()
+        return copy
+
+    def __reduce_ex__(self, protocol):
+        return self._dense_copy().__reduce_ex__(protocol)
+
+
+class Linear(InferenceLayout, nn.Linear):
+    """``nn.Linear`` with the bf16 CPU inference layouts.
+
+    oneDNN's GEMV on a plain ``[out, in]`` bf16 weight re-blocks (copies) the whole weight at every matmul, so a
+    decode step (one row, memory bound) reads the weights about twice. :meth:`pack` fixes that in one of two ways:
+
+    - where this package's CPU kernels build (x86-64 with AVX-512), it binds their bf16 GEMV
+      (``cpu_kernels.linear_bf16``) for inputs of up to 4 rows; the weight stays exactly as it is;
+    - else it replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout (no second
+      copy); :meth:`unpack` puts the original Parameter object back with the dense values.
+
+    A forward that needs autograd or another dtype unpacks too.
+    """
+
+    prepack = True  # False for a layer whose weight may be shared (tied) with another module
+    gemv = None  # the bound bf16 decode kernel (cpu_gemv_kernel()), or None
+
+    @property
+    def is_packed(self):
+        return self.gemv is not None or isinstance(self._parameters.get("weight"), PackedWeight)
+
+    def pack(self):
+        """Bind the bf16 CPU decode kernel, or move to oneDNN's layout, when the layer is bf16 on CPU (no-op
+        otherwise, or when already packed)."""
+        weight = self._parameters["weight"]
+        if (self.is_packed or not self.prepack or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
+                or weight.dim() != 2 or not cpu_layouts_enabled()):
+            return self
+        with PACK_LOCK:
+            if weight.is_contiguous() and cpu_gemv_kernel() is not None:
+                self.gemv = cpu_gemv_kernel()
+            elif cpu_prepack_enabled():
+                with torch.inference_mode(False), torch.no_grad():
+                    packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1),
+                                          requires_grad=False)
+                    packed.dense_requires_grad = weight.requires_grad
+                    self._dense_weight = (weight,)  # the original Parameter object, emptied; unpack() refills it
+                    weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+                self._parameters["weight"] = packed
+        return self
+
+    def unpack(self):
+        """Back to the dense weight in the original Parameter object, no kernel bound (no-op when not packed)."""
+        with PACK_LOCK:
+            self.gemv = None
+            packed = self._parameters.get("weight")
+            if isinstance(packed, PackedWeight):
+                (weight,) = self._dense_weight
+                with torch.inference_mode(False), torch.no_grad():
+                    weight.data = packed.to_dense()
+                self._parameters["weight"] = weight
+                self._dense_weight = None
+        return self
+
+    def forward(self, x):
+        if self.is_packed:
+            weight = self.weight  # (may have been assigned since pack)
+            if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.bfloat16
+                    or weight.device.type != "cpu" or torch.is_grad_enabled()):
+                self.unpack()  # autograd or another dtype: the dense weight
+            elif self.gemv is not None:
+                if self.gemv[0](x, self.weight, self.bias):  # linear_bf16_takes; else F.linear on the same weight
+                    out = self.gemv[1](x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+                    return out.view(*x.shape[:-1], out.shape[-1])
+            else:
+                out = torch.ops.mkldnn._linear_pointwise(
+                    x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+                return out.view(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.weight, self.bias)
