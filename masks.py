@@ -86,8 +86,8 @@ def padding_queries_attend_everywhere(mask, attention_mask, seq):
 
 def _own_mask(attention_mask, full_attention_mask, batch, seq, past_len, prefix_len, device):
     """(mask, is_causal) built here: transformers 4.30, p-tuning prefixes, the published ``full_attention_mask``.
-    ``past_len`` counts every key before the new tokens, the prefix included."""
-    kv_len = past_len + seq
+    The keys are the prefix (``prefix_len``, always attended), the cache (``past_len``), then the new tokens."""
+    start = prefix_len + past_len  # keys before the new tokens
     if full_attention_mask is not None:  # published convention: True = masked
         return ~full_attention_mask.bool(), False
     if attention_mask is not None and attention_mask.dim() == 4:  # already prepared (bool or additive)
@@ -95,22 +95,22 @@ def _own_mask(attention_mask, full_attention_mask, batch, seq, past_len, prefix_
     if attention_mask is None:
         if seq == 1:
             return None, False
-        if past_len == 0:
+        if start == 0:
             return None, True
         key_valid = None
     else:
         key_valid = attention_mask.bool()
-        if key_valid.shape[1] == seq and past_len - prefix_len > 0:  # mask given for new tokens only
-            key_valid = torch.cat([key_valid.new_ones(batch, past_len - prefix_len), key_valid], dim=1)
+        if key_valid.shape[1] == seq and past_len > 0:  # mask given for new tokens only
+            key_valid = torch.cat([key_valid.new_ones(batch, past_len), key_valid], dim=1)
         if prefix_len:
             key_valid = torch.cat([key_valid.new_ones(batch, prefix_len), key_valid], dim=1)
         if seq == 1:  # a padding query attends to everything, so no row becomes NaN
             return key_valid[:, None, None, :] | ~key_valid[:, None, None, -1:], False
-        if past_len == 0 and _reads_values() and bool(key_valid.all()):
+        if start == 0 and _reads_values() and bool(key_valid.all()):
             return None, True
-    q_pos = torch.arange(past_len, kv_len, device=device)
-    k_pos = torch.arange(kv_len, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(batch, 1, seq, kv_len)
+    q_pos = torch.arange(start, start + seq, device=device)
+    k_pos = torch.arange(start + seq, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(batch, 1, seq, start + seq)
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :] | ~key_valid[:, None, -seq:, None]
     return mask, False
@@ -122,8 +122,7 @@ def decoder_mask(config, hidden_states, attention_mask, full_attention_mask, cac
     ``position_ids``: as the caller gave them (transformers' masks use them to find packed sequences)."""
     batch, seq = hidden_states.shape[:2]
     if _hf_create_causal_mask is None or full_attention_mask is not None or prefix_len:
-        return _own_mask(attention_mask, full_attention_mask, batch, seq, past_len + prefix_len, prefix_len,
-                         hidden_states.device)
+        return _own_mask(attention_mask, full_attention_mask, batch, seq, past_len, prefix_len, hidden_states.device)
     if (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == seq
             and isinstance(past_len, int) and past_len > 0):  # a mask for the new tokens only
         attention_mask = torch.cat([attention_mask.new_ones(batch, past_len), attention_mask], dim=1)

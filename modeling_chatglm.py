@@ -473,21 +473,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             return held
         return held - self.pre_seq_len if held else 0
 
-    def forward(
-        self,
-        input_ids=None,
-        position_ids=None,
-        attention_mask=None,
-        full_attention_mask=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_hidden_states=None,
-        return_dict=None,
-        output_attentions=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
+            past_key_values=None, inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None,
+            output_attentions=None, cache=None, **kwargs):
         """The published interface: ``inputs_embeds`` and every output are seq-first ``[seq, batch, hidden]``
         (batch-first for the ``ChatGLMBatchFirstModel`` view)."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
@@ -629,25 +617,10 @@ class ChatGLMForConditionalGeneration(ChatMixin, GenerationSupport, ChatGLMPreTr
     def set_output_embeddings(self, new_embeddings):
         self.transformer.output_layer = new_embeddings
 
-    def forward(
-        self,
-        input_ids=None,
-        position_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        return_last_logit=False,
-        logits_to_keep=0,
-        cache=None,
-        num_items_in_batch=None,
-        shift_labels=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+            inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+            return_dict=None, return_last_logit=False, logits_to_keep=0, cache=None, num_items_in_batch=None,
+            shift_labels=None, **kwargs):
         """Batch-first throughout (transformers convention): ``inputs_embeds`` [batch, seq, hidden], logits
         [batch, seq, vocab], hidden states [batch, seq, hidden]. ``shift_labels`` (already shifted targets, as
         transformers passes for context parallelism) replaces ``labels``."""
@@ -720,21 +693,9 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
         self.post_init()
 
-    def forward(
-        self,
-        input_ids=None,
-        position_ids=None,
-        attention_mask=None,
-        full_attention_mask=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_hidden_states=None,
-        return_dict=None,
-        output_attentions=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
+            past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+            return_dict=None, output_attentions=None, **kwargs):
         """Batch-first, like the LM head: ``inputs_embeds`` [batch, seq, hidden], hidden states [b, s, h]."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.transformer.run(
