@@ -172,17 +172,18 @@ class Linear(InferenceLayout, nn.Linear):
         return self
 
     def forward(self, x):
-        if self.is_packed:
-            weight = self.weight  # (may have been assigned since pack)
+        gemv, weight, bias = self.gemv, self._parameters["weight"], self._parameters["bias"]
+        if gemv is not None:  # (the weight may have been assigned since pack)
             if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.bfloat16
                     or weight.device.type != "cpu" or torch.is_grad_enabled()):
-                self.unpack()  # autograd or another dtype: the dense weight
-            elif self.gemv is not None:
-                if self.gemv[0](x, self.weight, self.bias):  # linear_bf16_takes; else F.linear on the same weight
-                    out = self.gemv[1](x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-                    return out.view(*x.shape[:-1], out.shape[-1])
-            else:
-                out = torch.ops.mkldnn._linear_pointwise(
-                    x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+                self.unpack()  # autograd or another dtype: no binding
+            elif gemv[0](x, weight, bias):  # linear_bf16_takes; else F.linear on the same weight
+                out = gemv[1](x.reshape(-1, x.shape[-1]), weight, bias)
                 return out.view(*x.shape[:-1], out.shape[-1])
-        return F.linear(x, self.weight, self.bias)
+        elif type(weight) is PackedWeight:
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+                out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+                return out.view(*x.shape[:-1], out.shape[-1])
+            self.unpack()  # autograd or another dtype needs the dense weight
+            weight = self._parameters["weight"]
+        return F.linear(x, weight, bias)

@@ -192,6 +192,7 @@ class SelfAttention(nn.Module):
         self.is_causal = True
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
         self.query_key_value = _linear(
             config, config.hidden_size, self.q_size + 2 * self.kv_size,
             bias=config.add_bias_linear or config.add_qkv_bias, device=device)
@@ -216,7 +217,7 @@ class SelfAttention(nn.Module):
         elif prefix_key is not None:
             k, v = torch.cat((prefix_key, k), dim=2), torch.cat((prefix_value, v), dim=2)
         impl = "eager" if output_attentions else _attention_implementation(self.config)
-        dropout_p = self.config.attention_dropout if self.training else 0.0
+        dropout_p = self.attention_dropout if self.training else 0.0
         if impl in ATTENTION_FUNCTIONS:
             out, probs = ATTENTION_FUNCTIONS[impl](q, k, v, mask, is_causal, dropout_p)
             out = out.transpose(1, 2)
@@ -257,6 +258,9 @@ class GLMBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = _norm(config, device)
         self.mlp = MLP(config, device=device)
 
+    def _dropout(self, x):
+        return F.dropout(x, p=self.hidden_dropout, training=True) if self.training and self.hidden_dropout else x
+
     def forward(self, hidden_states, rotary, mask, is_causal, prefix_key=None, prefix_value=None,
                 past_key_values=None, output_attentions=False, cache_position=None, attn_kwargs=None):
         # The prefix comes as two positional tensors: checkpointing then keeps their gradients (p-tuning v2).
@@ -265,10 +269,10 @@ class GLMBlock(GradientCheckpointingLayer):
                                           past_key_values=past_key_values, output_attentions=output_attentions,
                                           cache_position=cache_position, attn_kwargs=attn_kwargs)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        hidden_states = residual + F.dropout(attn, p=self.hidden_dropout, training=self.training)
+        hidden_states = residual + self._dropout(attn)
         normed = self.post_attention_layernorm(hidden_states)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training), probs
+        return residual + self._dropout(self.mlp(normed)), probs
 
 
 class GLMTransformer(nn.Module):
