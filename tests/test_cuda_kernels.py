@@ -12,6 +12,8 @@
 """
 import ctypes
 import importlib
+import json
+import os
 import mmap
 import re
 import shutil
@@ -537,3 +539,25 @@ def test_gpu_layer_matches_torch_dequant(bits):
         Q.set_quantization_backend(None)
         assert layer.backend_for() in Q.CUDA_BACKENDS
         torch.testing.assert_close(auto, plain, rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh, as CI can run it: --dry-run on the CPU with a tiny model
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_script_dry_run_records_every_step(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    steps = {e["step"]: e for e in map(json.loads, (tmp_path / "gpu_results.json").read_text().splitlines())}
+    assert list(steps) == ["facts", "cpm", "backends", "tests", "linears", "bench_b1", "bench_b8"]
+    assert all(e["rc"] == 0 and not e["timed_out"] for e in steps.values()), {k: e["log_tail"] for k, e in steps.items()}
+    assert steps["facts"]["result"]["torch"] == torch.__version__
+    assert set(steps["backends"]["result"]) >= {"auto", *Q.CUDA_BACKENDS, "int8 torch.float16", "int4 torch.bfloat16"}
+    assert len(steps["linears"]["result"]) == 2 * 2 * 4  # dtypes x row counts x linears
+    for name, batch in (("bench_b1", 1), ("bench_b8", 8)):
+        rows = steps[name]["result"]["rows"]
+        assert {r["model"] for r in rows} == {"ours", "native", "ours-int8", "ours-int4"}
+        assert all(r["batch"] == batch and r["decode_ms_tok"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_MB"] > 0
+                   for r in rows)
