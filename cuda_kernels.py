@@ -14,6 +14,7 @@ import atexit
 import ctypes
 import glob
 import importlib
+import importlib.util
 import os
 import shutil
 import sys

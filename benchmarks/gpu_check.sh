@@ -156,11 +156,13 @@ PYEOF
 }
 
 bench() {  # bench NAME extra-args...
-    local name=$1
+    local name=$1 native=
     shift
+    # transformers < 4.46 has no GlmForCausalLM: this package only
+    "$PY" -c "import transformers, sys; sys.exit(not hasattr(transformers, 'GlmForCausalLM'))" || native=--no-native
     # shellcheck disable=SC2086
     "$PY" benchmarks/bench_generate.py --device "$DEVICE" --dtypes fp16,bf16 --quant 8,4 --work-dir "$WORK_DIR" \
-        --out-dir "$OUT" --name "$name" $BENCH "$@"
+        --out-dir "$OUT" --name "$name" $native $BENCH "$@"
 }
 
 export -f facts install_cpm backends linears bench

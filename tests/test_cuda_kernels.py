@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from conftest import REPO
 from quant_helpers import load_module, load_quantization_module, reference_pack_int4, reference_unpack_int4
@@ -558,6 +559,7 @@ def test_gpu_check_script_dry_run_records_every_step(tmp_path):
     assert len(steps["linears"]["result"]) == 2 * 2 * 4  # dtypes x row counts x linears
     for name, batch in (("bench_b1", 1), ("bench_b8", 8)):
         rows = steps[name]["result"]["rows"]
-        assert {r["model"] for r in rows} == {"ours", "native", "ours-int8", "ours-int4"}
+        native = {"native"} if hasattr(transformers, "GlmForCausalLM") else set()  # transformers >= 4.46
+        assert {r["model"] for r in rows} == {"ours", "ours-int8", "ours-int4"} | native
         assert all(r["batch"] == batch and r["decode_ms_tok"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_MB"] > 0
                    for r in rows)
