@@ -28,7 +28,8 @@ name                device layout  what runs
                                    in_features % 128 == 0, out_features % 8 == 0; ``CHATGLM_CPU_KERNELS=0``: off
 ``cpu-int8pack``    CPU    stored  ``torch._weight_int8pack_mm``
 ``cpu-int4pack``    CPU    torch's ``torch._weight_int4pack_mm_for_cpu``
-``cuda-cpm_kernels``CUDA   stored  cuda_kernels.py's dequantize kernels through ``cpm_kernels``, then cuBLAS
+``cuda-cpm_kernels``CUDA   stored  cuda_kernels.py's kernels through ``cpm_kernels`` (requirements-cuda.txt): a fused
+                                   GEMV for up to 16 input rows, else dequantize + cuBLAS
 ``cuda-nvrtc``      CUDA   stored  the same kernels through torch's own NVRTC wrapper
 ``torch-dequant``   any    stored  ``q * scale`` in plain torch, then ``F.linear`` (always available)
 =================== ====== ======= ===================================================================
@@ -145,51 +146,56 @@ class _TorchDequant:
 
 
 class _CudaDequant:
-    """Dequantize with cuda_kernels.py (launcher ``name``), then cuBLAS. A failed launch disables that launcher
-    (one warning) and the layers using it choose again."""
+    """cuda_kernels.py through launcher ``name`` on one GPU: the fused GEMV for inputs of up to 16 rows, else
+    dequantize + cuBLAS. A failed launch disables that launcher on that GPU (one warning) and the layers using it
+    choose again."""
 
     layout = None
     differentiable = True
 
-    def __init__(self, name, kernels):
-        self.name, self._kernels = name, kernels  # kernels: the cuda_kernels functions
+    def __init__(self, name, kernels, device):
+        self.name, self._kernels, self._device = name, kernels, device  # kernels: the cuda_kernels module
 
     def usable(self, bits, out_features, in_features, dtype):
-        return dtype in (torch.float16, torch.bfloat16) and self._kernels["launcher"](self.name) is not None
+        return dtype in (torch.float16, torch.bfloat16) and self._kernels.launcher(self.name, self._device) is not None
 
     def matmul(self, x2, weight, scale, bits, out_features, in_features):
         global _choice_epoch
         k = self._kernels
-        run = k["launcher"](self.name)
-        if run is not None and k["applicable"](weight, bits, x2.dtype):
+        run = k.launcher(self.name, self._device)
+        if run is not None and k.applicable(weight, bits, x2.dtype):
             try:
-                return F.linear(x2, k["dequantize"](run, weight, scale, bits, x2.dtype))
+                if x2.shape[0] <= k.GEMV_MAX_ROWS:
+                    return k.gemv(run, x2, weight, scale, bits)
+                return F.linear(x2, k.dequantize(run, weight, scale, bits, x2.dtype))
             except Exception as e:
-                k["disable"](self.name)
+                k.disable(self.name, self._device, f"a launch failed: {e}")
                 _choice_epoch += 1  # the layers bound to it choose again
-                _warn_once(("cuda-failed", self.name), "quantization backend %s failed (%s); its layers use another "
-                           "backend from now on.", self.name, e)
+                _warn_once(("cuda-failed", self.name, self._device), "quantization backend %s failed on %s (%s); its "
+                           "layers there use another backend from now on.", self.name, self._device, e)
         return TORCH_DEQUANT.matmul(x2, weight, scale, bits, out_features, in_features)
 
 
 TORCH_DEQUANT = _TorchDequant()
-_device_kernels = {}  # device type -> {name: kernel} in order of preference
+_device_kernels = {}  # device type (CUDA: device) -> {name: kernel} in order of preference
 
 
-def _kernels_for(device_type):
-    """The kernels for a device type; imports their module the first time."""
-    kernels = _device_kernels.get(device_type)
+def _kernels_for(device):
+    """The kernels for a device (per GPU on CUDA); imports their module the first time."""
+    key = device.type
+    if key == "cuda":
+        key = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    kernels = _device_kernels.get(key)
     if kernels is None:
-        if device_type == "cpu":
+        if device.type == "cpu":
             from .cpu_kernels import KERNELS as kernels
-        elif device_type == "cuda":
-            from .cuda_kernels import applicable, dequantize, disable, launcher
+        elif device.type == "cuda":
+            from . import cuda_kernels
 
-            api = dict(applicable=applicable, dequantize=dequantize, disable=disable, launcher=launcher)
-            kernels = {name: _CudaDequant(name, api) for name in CUDA_BACKENDS}
+            kernels = {name: _CudaDequant(name, cuda_kernels, key) for name in CUDA_BACKENDS}
         else:
             kernels = {}
-        _device_kernels[device_type] = kernels
+        _device_kernels[key] = kernels
     return kernels
 
 
@@ -197,7 +203,7 @@ def _choose(layer, device, dtype, packed_ok):
     """The kernel for ``layer`` with inputs on ``device`` in ``dtype``; with ``packed_ok`` False only kernels that
     read the stored format (a forced kernel with a layout of its own applies from the next :meth:`pack`)."""
     bits, n, k = layer.weight_bit_width, layer.out_features, layer.in_features
-    kernels = _kernels_for(device.type)
+    kernels = _kernels_for(device)
     forced = _forced_backend
     if forced == "torch-dequant":
         return TORCH_DEQUANT
@@ -209,13 +215,13 @@ def _choose(layer, device, dtype, packed_ok):
             return TORCH_DEQUANT
         if packed_ok or kernel.layout is None:
             return kernel
-    for kernel in kernels.values():
-        if (packed_ok or kernel.layout is None) and kernel.usable(bits, n, k, dtype):
-            return kernel
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        _warn_once("cuda-fallback", "No CUDA quantization kernels could be loaded (install cpm_kernels, or check "
-                   "that the CUDA NVRTC library is present); using the slower torch-dequant backend.")
-    return TORCH_DEQUANT
+    chosen = next((kernel for kernel in kernels.values()
+                   if (packed_ok or kernel.layout is None) and kernel.usable(bits, n, k, dtype)), TORCH_DEQUANT)
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and chosen.name != CUDA_BACKENDS[0]:
+        first = kernels[CUDA_BACKENDS[0]]
+        _warn_once(("cuda-fallback", first._device), "quantization backend %s cannot run on %s (%s); using %s.",
+                   first.name, first._device, first._kernels.why_not(first.name, first._device), chosen.name)
+    return chosen
 
 
 def set_quantization_backend(name: Optional[str]):

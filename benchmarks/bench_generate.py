@@ -57,6 +57,8 @@ WIDTH = dict(hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv
              multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=65024, seq_length=32768,
              add_qkv_bias=True, add_bias_linear=False, rmsnorm=True, post_layer_norm=True, layernorm_epsilon=1e-5,
              rope_ratio=1)
+TINY = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, kv_channels=64, multi_query_group_num=2,
+            padded_vocab_size=1024)  # --tiny: the same code paths in seconds (script checks, CI)
 
 
 def log(*a):
@@ -430,7 +432,9 @@ def bench(args):
     sync = Sync(device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
+    work = Path(args.work_dir) / ("tiny" if args.tiny else "")
+    if args.tiny:
+        WIDTH.update(TINY)
     work.mkdir(parents=True, exist_ok=True)
     code_dirs = args.code_dir or [str(REPO)]
     labels = ["ours"] + [f"ours{i + 1}" for i in range(1, len(code_dirs))]
@@ -442,14 +446,14 @@ def bench(args):
         "layers": args.layers, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
         "code_dirs": dict(zip(labels, code_dirs)), "repeats": args.repeats, "prompts": args.prompts,
-        "new_tokens": args.new_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "new_tokens": args.new_tokens, "batch": args.batch, "tiny": args.tiny, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     import transformers
     meta["transformers"] = transformers.__version__
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
     meta["loadavg_start"] = os.getloadavg()
-    meta["bandwidth_GBps"] = measure_bandwidth(device)
+    meta["bandwidth_GBps"] = measure_bandwidth(device, 1 << 24 if args.tiny else 1 << 30)
     log(f"memory-read bandwidth: {meta['bandwidth_GBps']}")
     rows, parity = [], {}
     vocab = WIDTH["padded_vocab_size"]
@@ -502,7 +506,7 @@ def bench(args):
             log(f"  {label}: {wbytes[label] / 1e9:.3f} GB weights read per token, rss {rss_mb():.0f} MB")
 
         for prompt in args.prompts:
-            ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(prompt)).to(device)
+            ids = torch.randint(3, vocab, (args.batch, prompt), generator=torch.Generator().manual_seed(prompt)).to(device)
             res = {label: {"prefill": [], "decode": {n: [] for n in args.new_tokens}, "steps": [], "peak": [],
                            "cpu": {n: [] for n in args.new_tokens},
                            "growth": [], "tokens": None} for label, _, _ in variants}
@@ -546,7 +550,7 @@ def bench(args):
                                    prompt + n // 2, DTYPES[dname])
                     row = {
                         "model": label, "dtype": kind, "layers": args.layers, "prompt": prompt, "new_tokens": n,
-                        "prefill_tok_s": prompt / pre, "prefill_s": pre,
+                        "batch": args.batch, "prefill_tok_s": args.batch * prompt / pre, "prefill_s": pre,
                         "decode_ms_tok": dec * 1e3, "decode_step_median_ms": median(d["steps"]) * 1e3,
                         "decode_step_p10_ms": _pct(d["steps"], 10) * 1e3,
                         "decode_cpu_ms_tok": median(d["cpu"][n]) * 1e3,
@@ -794,6 +798,9 @@ def parse_args(argv=None):
                    "(8h, 4h) also quantizes output_layer; '' for none")
     p.add_argument("--quick", action="store_true", help="bf16, prompt 128, 32 new tokens, 2 repeats")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=1, help="sequences per generate call (prefill tok/s counts them all)")
+    p.add_argument("--tiny", action="store_true", help="small widths (hidden 256, 4 heads, vocab 1024) instead of "
+                   "ChatGLM3-6B's: checks the benchmark itself, times nothing meaningful")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--code-dir", action="append", help="folder with the package's code files (repeatable; "
                    "default: the repository). Several: benchmarked against each other")

@@ -21,7 +21,6 @@ from quant_helpers import (CHILD_IMPORT, block_linears, load_module, load_quanti
 
 Q = load_quantization_module()
 CK = load_module("cpu_kernels")
-GK = load_module("cuda_kernels")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_BACKEND_FOR_BITS = {8: "cpu-int8pack", 4: "cpu-int4pack"}
 
@@ -274,7 +273,7 @@ def test_meta_construction_and_from_linear_on_meta():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CUDA: graceful without it; bit-exact kernels with it
+# Kernel modules: imported lazily (the CUDA kernels themselves: tests/test_cuda_kernels.py)
 # ---------------------------------------------------------------------------------------------------------------------
 def test_kernel_modules_and_cpm_kernels_are_imported_lazily_only():
     for name in ("quantization.py", "cuda_kernels.py", "cpu_kernels.py"):
@@ -289,45 +288,6 @@ def test_kernel_modules_and_cpm_kernels_are_imported_lazily_only():
     assert out.returncode == 0, out.stderr
     expected = "cuda-cpm_kernels cuda-nvrtc torch-dequant" if torch.cuda.is_available() else "cpu-avx512 cpu-int8pack"
     assert out.stdout.strip().splitlines()[-1] in expected.split()
-
-
-def test_cuda_launchers_fail_gracefully_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    for name in Q.CUDA_BACKENDS:
-        GK._launchers.pop(name, None)
-        assert GK.launcher(name) is None  # no exception
-
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@needs_cuda
-@pytest.mark.parametrize("launcher", Q.CUDA_BACKENDS)
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("bits", (8, 4))
-def test_cuda_kernels_bit_exact(launcher, dtype, bits):
-    run = GK.launcher(launcher)
-    if run is None:
-        pytest.skip(f"{launcher} unavailable here")
-    w = _weight(4608 // 8, 1024, torch.float32, zero_rows=(0, 7)).to(dtype).cuda()
-    stored, scale = Q.quantize_weight(w, bits)
-    got = GK.dequantize(run, stored, scale, bits, dtype)
-    torch.cuda.synchronize()
-    assert torch.equal(got, Q.dequantize_weight(stored, scale, bits))
-
-
-@needs_cuda
-@pytest.mark.parametrize("bits", (8, 4))
-def test_cuda_layer_matches_torch_dequant(bits):
-    lin, layer = _layer(bits, torch.float16)
-    layer = layer.cuda()
-    x = torch.randn(2, 7, 96, dtype=torch.float16, device="cuda")
-    with torch.no_grad():
-        auto = layer(x)
-        Q.set_quantization_backend("torch-dequant")
-        plain = layer(x)
-    assert torch.equal(auto, plain)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
