@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_REFERENCE, TINY_CONFIG, load_model, make_model_dir, random_state_dict
+from support import REPO, SHARED_REFERENCE, TINY_CONFIG, load_model, make_model_dir, random_state_dict
 
 VOCAB = TINY_CONFIG["padded_vocab_size"]
 
