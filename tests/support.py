@@ -104,6 +104,14 @@ def load_model(folder, cls="AutoModelForCausalLM", **kwargs):
     return model.eval()
 
 
+def cache_of(output):
+    """The cache of a model output (transformers 5.24 renamed the field to ``cache``)."""
+    for key in ("cache", "past_key_values"):
+        if key in output.keys():
+            return output[key]
+    return None
+
+
 def has_transformers_glm():
     try:
         from transformers import GlmConfig, GlmForCausalLM  # noqa: F401
