@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import conftest  # noqa: E402  (the tiny-model writer the tests use)
+import support  # noqa: E402  (the tiny-model writer the tests use)
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--code-dir", default=str(conftest.REPO))
+    p.add_argument("--code-dir", default=str(support.REPO))
     p.add_argument("--bits", type=int, default=0, help="0 (bf16), 8 or 4 (model.quantize)")
     args = p.parse_args()
-    conftest.REPO = Path(args.code_dir)
-    conftest.CODE_FILES = [f.name for f in Path(args.code_dir).glob("*.py")]
-    folder = conftest.make_model_dir(tempfile.mkdtemp(), num_layers=28, hidden_size=128, ffn_hidden_size=256,
-                                     kv_channels=32)
-    model = conftest.load_model(folder).to(torch.bfloat16)
+    support.REPO = Path(args.code_dir)
+    support.CODE_FILES = [f.name for f in Path(args.code_dir).glob("*.py")]
+    folder = support.make_model_dir(tempfile.mkdtemp(), num_layers=28, hidden_size=128, ffn_hidden_size=256,
+                                    kv_channels=32)
+    model = support.load_model(folder).to(torch.bfloat16)
     if args.bits:
         model.quantize(args.bits)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])

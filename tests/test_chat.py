@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from conftest import SHARED_REFERENCE, load_model, make_model_dir
+from support import SHARED_REFERENCE, load_model, make_model_dir
 
 TOKENIZER_MODEL = SHARED_REFERENCE / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER_MODEL.exists(), reason=f"{TOKENIZER_MODEL} not available")

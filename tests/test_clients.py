@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_model
+from support import load_model
 from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist
 from tokenizer_helpers import model_dir_with_tokenizer, real_model_path
 

@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 
-from conftest import load_model, make_model_dir
+from support import load_model, make_model_dir
 
 
 def _linear_module(model):  # linear.py as the model's remote code imported it

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_model, make_model_dir
+from support import load_model, make_model_dir
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT = 240  # seconds for the one torchrun launch (20-40 s here on 2 shared cores)
@@ -152,7 +152,7 @@ def test_tp_greedy_tokens_and_cache(tp_results):
 @needs_gloo
 @needs_tp
 def test_tp_each_rank_holds_half_the_blocks(tp_results):
-    from conftest import TINY_CONFIG as cfg
+    from support import TINY_CONFIG as cfg
 
     head_dim = cfg["kv_channels"]
     fused = (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * head_dim

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CODE_FILES, REPO, SHARED_REFERENCE, TINY_CONFIG, has_transformers_glm, load_model,
+from support import (CODE_FILES, REPO, SHARED_REFERENCE, TINY_CONFIG, has_transformers_glm, load_model,
                       make_model_dir, published_config_dict)
 
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM (< 4.46)")

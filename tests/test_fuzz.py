@@ -9,7 +9,7 @@
 * random Unicode through the tokenizer (encode -> decode): never crashes, ids stay in the vocabulary.
 
 Models are built in-process from the remote classes (loaded once through trust_remote_code), not from folders, so
-the default profile (25 examples per property, see conftest) keeps this file well under a minute;
+the default profile (25 examples per property, see conftest.py) keeps this file well under a minute;
 ``HYPOTHESIS_PROFILE=long`` runs 500 examples per property.
 """
 import shutil
@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import REPO, SHARED_REFERENCE, TINY_CONFIG, random_state_dict
+from support import REPO, SHARED_REFERENCE, TINY_CONFIG, cache_of, random_state_dict
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, note, settings  # noqa: E402
@@ -86,13 +86,6 @@ def padded_batches(draw, vocab):
     for row, n in enumerate(lengths):
         mask[row, width - n:] = 1
     return ids, mask  # the ids under padding are random on purpose: they must not matter
-
-
-def cache_of(output):
-    for key in ("cache", "past_key_values"):
-        if key in output.keys():
-            return output[key]
-    return None
 
 
 @FUZZ

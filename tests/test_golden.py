@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_REFERENCE, load_model, write_code, write_config
+from support import SHARED_REFERENCE, load_model, write_code, write_config
 
 GOLDEN_CONFIG = dict(
     hidden_size=32, num_attention_heads=8, num_layers=1, padded_vocab_size=5, multi_query_group_num=2,

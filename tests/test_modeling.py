@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import CODE_FILES, REPO, TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
+from support import CODE_FILES, REPO, TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
 from glm_reference import build_glm, left_padded_batch
 
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM")
@@ -204,7 +204,7 @@ def test_published_bin_shards_load_without_warnings(tmp_path, caplog):
     sd = {k: v.half() for k, v in ref.state_dict().items()}
     assert "transformer.rotary_pos_emb.inv_freq" in sd
     dst = tmp_path / "published"
-    from conftest import write_code, write_config
+    from support import write_code, write_config
     write_code(dst)
     write_config(dst, torch_dtype="float16")
     keys = list(sd)
@@ -266,7 +266,7 @@ def test_mismatched_shapes_raise_value_error(tiny_model):
 ])
 def test_invalid_config_raises(tmp_path, overrides, match):
     from transformers import AutoConfig
-    from conftest import write_code, write_config
+    from support import write_code, write_config
     write_code(tmp_path)
     write_config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from conftest import load_model
+from support import load_model
 from tokenizer_helpers import model_dir_with_tokenizer
 
 def _pipeline_keeps_special_tokens():

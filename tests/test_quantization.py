@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, load_model, make_model_dir, write_code, write_config
+from support import REPO, load_model, make_model_dir, write_code, write_config
 from quant_helpers import (CHILD_IMPORT, block_linears, load_module, load_quantization_module, quantization_module_of,
                            reference_pack_int4, reference_quantize, reference_unpack_int4)
 

@@ -24,17 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_REFERENCE, TINY_CONFIG, load_model, make_model_dir, random_state_dict
+from support import (REPO, SHARED_REFERENCE, TINY_CONFIG, cache_of, load_model, make_model_dir,
+                     random_state_dict)
 
 VOCAB = TINY_CONFIG["padded_vocab_size"]
-
-
-def cache_of(output):
-    """The cache of a model output (transformers 5.24 renamed the field to ``cache``)."""
-    for key in ("cache", "past_key_values"):
-        if key in output.keys():
-            return output[key]
-    return None
 
 
 def gen(model, ids, **kw):

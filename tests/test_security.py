@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CODE_FILES, REPO, SHARED_REFERENCE, load_model, make_model_dir, random_state_dict
+from support import CODE_FILES, REPO, SHARED_REFERENCE, load_model, make_model_dir, random_state_dict
 
 REMOTE_CODE = [REPO / name for name in CODE_FILES if (REPO / name).exists()]
 SCANNED = REMOTE_CODE + [p for p in [REPO / "generate.py", *sorted((REPO / "scripts").glob("*.py"))] if p.exists()]

@@ -47,13 +47,13 @@ needs_real = pytest.mark.skipif(REAL is None, reason="published tokenizer.model 
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def tiny_sp_model(tmp_path_factory):
     return train_tiny_model(tmp_path_factory.mktemp("spm") / "tiny.model")
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tiny_model):
-    return make_tokenizer_dir(tmp_path_factory.mktemp("tiny"), tiny_model, "tiny")
+def tiny_tokenizer_dir(tmp_path_factory, tiny_sp_model):
+    return make_tokenizer_dir(tmp_path_factory.mktemp("tiny"), tiny_sp_model, "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +64,13 @@ def real_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_slow(tiny_dir):
-    return load_tokenizer(tiny_dir, fast=False)
+def tiny_slow(tiny_tokenizer_dir):
+    return load_tokenizer(tiny_tokenizer_dir, fast=False)
 
 
 @pytest.fixture(scope="session")
-def tiny_fast(tiny_dir):
-    return load_tokenizer(tiny_dir, fast=True)
+def tiny_fast(tiny_tokenizer_dir):
+    return load_tokenizer(tiny_tokenizer_dir, fast=True)
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +84,8 @@ def real_fast(real_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_sp(tiny_model):
-    return spm.SentencePieceProcessor(model_file=str(tiny_model))
+def tiny_sp(tiny_sp_model):
+    return spm.SentencePieceProcessor(model_file=str(tiny_sp_model))
 
 
 @pytest.fixture(scope="session")
@@ -328,7 +328,7 @@ def test_eos_text_is_eos(tok, tiny_sp):
         assert list(got) == tok.build_chat_input("a</s>b")["input_ids"][0].tolist()
 
 
-def test_encode_special_tokens_opt_in(tok, tiny_dir):
+def test_encode_special_tokens_opt_in(tok, tiny_tokenizer_dir):
     u, a = tok.get_command("<|user|>"), tok.get_command("<|assistant|>")
     g, sop = tok.get_command("[gMASK]"), tok.get_command("sop")
     ids = tok("<|user|>hi<|assistant|>", encode_special_tokens=True, add_special_tokens=False)["input_ids"]
@@ -336,7 +336,7 @@ def test_encode_special_tokens_opt_in(tok, tiny_dir):
     assert tok("[gMASK]sop", encode_special_tokens=True, add_special_tokens=False)["input_ids"] == [g, sop]
     # "sop"/"eop" count only right after a mask token: words are not cut
     assert sop not in tok("isopropyl sop", encode_special_tokens=True)["input_ids"][2:]
-    t2 = load_tokenizer(tiny_dir, fast=tok.is_fast, encode_special_tokens=True)
+    t2 = load_tokenizer(tiny_tokenizer_dir, fast=tok.is_fast, encode_special_tokens=True)
     assert t2("<|user|>", add_special_tokens=False)["input_ids"] == [u]
 
 
@@ -708,9 +708,9 @@ def test_chat_template_bad_roles(tok):
 # special-token setters, saving, missing tokenizer.model
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_special_token_setters(tiny_dir):
+def test_special_token_setters(tiny_tokenizer_dir):
     for fast in (False, True):
-        t = load_tokenizer(tiny_dir, fast=fast)
+        t = load_tokenizer(tiny_tokenizer_dir, fast=fast)
         t.pad_token = "</s>"
         assert t.pad_token == "</s>" and t.pad_token_id == 2
         assert t(["a", "abc def"], padding=True)["input_ids"][0][0] == 2
@@ -721,10 +721,10 @@ def test_special_token_setters(tiny_dir):
             t(["a", "abc def"], padding=True)
 
 
-def test_user_added_tokens(tiny_dir):
+def test_user_added_tokens(tiny_tokenizer_dir):
     outs = []
     for fast in (False, True):
-        t = load_tokenizer(tiny_dir, fast=fast)
+        t = load_tokenizer(tiny_tokenizer_dir, fast=fast)
         assert t("a<custom>b")["input_ids"] == t("a<custom>b")["input_ids"]
         t.add_tokens(["<custom>"])
         new_id = t.convert_tokens_to_ids("<custom>")
@@ -743,17 +743,17 @@ def _save(t, parent, name):
     return out
 
 
-def test_save_and_reload(tiny_dir, tmp_path):
+def test_save_and_reload(tiny_tokenizer_dir, tmp_path):
     texts = mixed_corpus(50, seed=7)
     for fast in (False, True):
-        t = load_tokenizer(tiny_dir, fast=fast)
+        t = load_tokenizer(tiny_tokenizer_dir, fast=fast)
         out = _save(t, tmp_path, "fast" if fast else "slow")
-        assert (out / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
+        assert (out / "tokenizer.model").read_bytes() == (tiny_tokenizer_dir / "tokenizer.model").read_bytes()
         assert (out / "tokenizer.json").exists() == fast
         cfg = json.loads((out / "tokenizer_config.json").read_text())
         assert cfg.get("padding_side") == "left"
         # self-contained on every version: the code, and both classes in auto_map (whichever class saved)
-        assert (out / "tokenization_chatglm.py").read_bytes() == (tiny_dir / "tokenization_chatglm.py").read_bytes()
+        assert (out / "tokenization_chatglm.py").read_bytes() == (tiny_tokenizer_dir / "tokenization_chatglm.py").read_bytes()
         assert cfg["auto_map"]["AutoTokenizer"] == ["tokenization_chatglm.ChatGLMTokenizer",
                                                    "tokenization_chatglm.ChatGLMTokenizerFast"]
         t2 = load_tokenizer(out, fast=fast)
@@ -764,10 +764,10 @@ def test_save_and_reload(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["extra_special_tokens", "additional_special_tokens"])
-def test_special_tokens_list_from_any_version(tiny_dir, tmp_path, key):
+def test_special_tokens_list_from_any_version(tiny_tokenizer_dir, tmp_path, key):
     """transformers 5.x saves the GLM tokens as a list under extra_special_tokens (4.x: additional_special_tokens,
     and extra_special_tokens is a dict there): both spellings load on every version."""
-    folder = make_tokenizer_dir(tmp_path, tiny_dir / "tokenizer.model", "xv")
+    folder = make_tokenizer_dir(tmp_path, tiny_tokenizer_dir / "tokenizer.model", "xv")
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg[key] = list(SPECIAL_TOKENS) + ["<extra>"]
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -778,11 +778,11 @@ def test_special_tokens_list_from_any_version(tiny_dir, tmp_path, key):
         assert t.decode(t.get_prefix_tokens(), skip_special_tokens=True) == ""
 
 
-def test_tokenizer_json_recorded_with_the_model_sha256(tiny_dir, tiny_model, tmp_path):
-    fast = load_tokenizer(tiny_dir, fast=True)
+def test_tokenizer_json_recorded_with_the_model_sha256(tiny_tokenizer_dir, tiny_sp_model, tmp_path):
+    fast = load_tokenizer(tiny_tokenizer_dir, fast=True)
     out = _save(fast, tmp_path, "json")
     cfg = json.loads((out / "tokenizer_config.json").read_text())
-    digest = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    digest = hashlib.sha256(tiny_sp_model.read_bytes()).hexdigest()
     assert digest in cfg["tokenizer_json_source"]
     saved = json.loads((out / "tokenizer.json").read_text())
     assert saved["decoder"] and saved["normalizer"] and saved["model"]["byte_fallback"] is True
@@ -804,27 +804,27 @@ def test_tokenizer_json_recorded_with_the_model_sha256(tiny_dir, tiny_model, tmp
         ids, skip_special_tokens=True)
 
 
-def test_slow_tokenizer_on_every_version(tiny_dir):
+def test_slow_tokenizer_on_every_version(tiny_tokenizer_dir):
     """The supported ways to get the SentencePiece tokenizer (transformers 5.x's AutoTokenizer ignores use_fast)."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    fast = load_tokenizer(tiny_dir, fast=True)
+    fast = load_tokenizer(tiny_tokenizer_dir, fast=True)
     for cls in (type(fast).slow_tokenizer_class,
-                get_class_from_dynamic_module("tokenization_chatglm.ChatGLMTokenizer", str(tiny_dir))):
-        slow = cls.from_pretrained(str(tiny_dir))
+                get_class_from_dynamic_module("tokenization_chatglm.ChatGLMTokenizer", str(tiny_tokenizer_dir))):
+        slow = cls.from_pretrained(str(tiny_tokenizer_dir))
         assert type(slow).__name__ == "ChatGLMTokenizer" and not slow.is_fast
         texts = mixed_corpus(20, seed=9)
         assert slow(texts, padding=True)["input_ids"] == fast(texts, padding=True)["input_ids"]
 
 
-def test_missing_model_is_downloaded(tiny_model, tmp_path, monkeypatch):
+def test_missing_model_is_downloaded(tiny_sp_model, tmp_path, monkeypatch):
     import huggingface_hub
 
     calls = []
 
     def fake_download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename))
-        return str(tiny_model)
+        return str(tiny_sp_model)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     folder = make_tokenizer_dir(tmp_path, None, "nomodel")

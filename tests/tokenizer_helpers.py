@@ -26,9 +26,9 @@ def real_model_path():
 
 
 def model_dir_with_tokenizer(parent, num_layers):
-    """A tiny random model folder (``conftest.make_model_dir``) with the published vocabulary size (65024 rows)
+    """A tiny random model folder (``support.make_model_dir``) with the published vocabulary size (65024 rows)
     and a tokenizer.model: the published one where found, else a small one trained here."""
-    from conftest import make_model_dir
+    from support import make_model_dir
 
     folder = make_model_dir(parent, padded_vocab_size=65024, num_layers=num_layers)
     vocab = real_model_path() or train_tiny_model(folder / "trained.model")
