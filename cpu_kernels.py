@@ -202,7 +202,18 @@ CPU_SOURCE = r"""
 #define ROWS 8          /* rows per block */
 #define CHUNK 128       /* columns per chunk */
 #define GROUP 64        /* columns per activation scale */
-#define PREFETCH 8192   /* bytes ahead of the chunk being read */
+/* Software prefetch distances in bytes (0: none, the hardware prefetchers alone), set by the build (-D, see
+ * prefetch_distances() in cpu_kernels.py): PREFETCH_INT8 / PREFETCH_INT4 ahead of the blocked stream, PREFETCH_ROW
+ * ahead of each bf16 row. */
+#ifndef PREFETCH_INT8
+#define PREFETCH_INT8 8192
+#endif
+#ifndef PREFETCH_INT4
+#define PREFETCH_INT4 8192
+#endif
+#ifndef PREFETCH_ROW
+#define PREFETCH_ROW 4096
+#endif
 
 enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_F16 = 2 };
 
@@ -312,12 +323,15 @@ static inline __attribute__((always_inline)) void block_pass(const uint8_t *bloc
         const uint8_t *chunk = block + t * ROWS * cb + r0 * cb;
         for (int r = 0; r < R; r++, chunk += cb) {
             __m512i w0, w1;
-            _mm_prefetch((const char *)chunk + PREFETCH, _MM_HINT_T0);
             if (bits == 8) {
-                _mm_prefetch((const char *)chunk + 64 + PREFETCH, _MM_HINT_T0);
+                if (PREFETCH_INT8) {
+                    _mm_prefetch((const char *)chunk + PREFETCH_INT8, _MM_HINT_T0);
+                    _mm_prefetch((const char *)chunk + 64 + PREFETCH_INT8, _MM_HINT_T0);
+                }
                 w0 = _mm512_loadu_si512(chunk);
                 w1 = _mm512_loadu_si512(chunk + 64);
             } else {
+                if (PREFETCH_INT4) _mm_prefetch((const char *)chunk + PREFETCH_INT4, _MM_HINT_T0);
                 const __m512i b = _mm512_loadu_si512(chunk);
                 w0 = _mm512_and_si512(b, nibble);
                 w1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
@@ -404,7 +418,7 @@ static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, i
     for (int64_t c = 0; c < k; c += 32) {
         const __mmask32 mask = k - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (k - c)) - 1);
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + r * k + c) + PREFETCH / 2, _MM_HINT_T0);
+            if (PREFETCH_ROW) _mm_prefetch((const char *)(w + r * k + c) + PREFETCH_ROW, _MM_HINT_T0);
             for (int i = 0; i < MC; i++) acc[r][i] = dot32_bf16(acc[r][i], w + r * k, x + i * k, c, mask);
         }
     }
@@ -484,6 +498,11 @@ IO_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # TYPE_* in C
 PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces per input value (see CPU_SOURCE)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
+# Software prefetch distances in bytes (int8 blocked stream, int4 blocked stream, each bf16 row; 0 = none) per CPU
+# vendor, measured per family with benchmarks/bench_prefetch.py (alternating runs; results/prefetch_*.txt): on the
+# Intel Xeon (Sapphire Rapids class) 8 KiB / 8 KiB / 4 KiB; on the AMD EPYC (Zen 4) int8 streams faster with the
+# hardware prefetchers alone and bf16 rows with 8 KiB. CHATGLM_CPU_PREFETCH="int8,int4,row" overrides.
+PREFETCH_BY_VENDOR = {"GenuineIntel": (8192, 8192, 4096), "AuthenticAMD": (0, 8192, 8192)}
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
 
@@ -546,18 +565,36 @@ def cpu_signature() -> str:
     """What -march=native compiles for: the CPU model and feature flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            return "".join(sorted({ln for ln in f if ln.startswith(("model name", "flags"))}))
+            return "".join(sorted({ln for ln in f if ln.startswith(("vendor_id", "model name", "flags"))}))
     except OSError:
         return platform.processor()
 
 
+def prefetch_distances(signature: str):
+    """(int8, int4, row) software prefetch distances in bytes for this CPU (``PREFETCH_BY_VENDOR``)."""
+    override = os.environ.get("CHATGLM_CPU_PREFETCH")
+    if override:
+        values = override.split(",")
+        if len(values) == 3 and all(v.strip().isdigit() for v in values):
+            return tuple(int(v) for v in values)
+        raise ValueError(f"CHATGLM_CPU_PREFETCH must be three byte counts >= 0, 'int8,int4,row' (e.g. "
+                         f"8192,8192,4096); got {override!r}")
+    vendor = next((v for v in PREFETCH_BY_VENDOR if v in signature), "GenuineIntel")
+    return PREFETCH_BY_VENDOR[vendor]
+
+
+def compile_flags(signature: str):
+    int8, int4, row = prefetch_distances(signature)
+    return (*COMPILE_FLAGS, f"-DPREFETCH_INT8={int8}", f"-DPREFETCH_INT4={int4}", f"-DPREFETCH_ROW={row}")
+
+
 def library_path(compiler: str, signature: str) -> str:
-    """The cached library for this source, compiler and CPU."""
-    key = hashlib.sha256("\0".join((CPU_SOURCE, compiler, " ".join(COMPILE_FLAGS), signature)).encode())
+    """The cached library for this source, compiler, flags and CPU."""
+    key = hashlib.sha256("\0".join((CPU_SOURCE, compiler, " ".join(compile_flags(signature)), signature)).encode())
     return os.path.join(kernel_dir(), f"chatglm_cpu_{key.hexdigest()[:20]}.so")
 
 
-def _compile(compiler: str, path: str) -> bool:
+def _compile(compiler: str, path: str, flags) -> bool:
     """Compile CPU_SOURCE into the shared library ``path``. The only process this package ever starts: the C
     compiler, with a fixed argument list (no shell). With OpenMP if the compiler has it (the library then shares
     torch's libgomp and its thread count), else single-threaded."""
@@ -572,7 +609,7 @@ def _compile(compiler: str, path: str) -> bool:
     errors = ""
     for extra in (["-fopenmp"], []):
         try:
-            proc = subprocess.run([compiler, *COMPILE_FLAGS, *extra, source, "-o", tmp],
+            proc = subprocess.run([compiler, *flags, *extra, source, "-o", tmp],
                                   capture_output=True, text=True, timeout=300,
                                   env=dict(os.environ, TMPDIR=os.path.dirname(path)))  # its temporaries too
         except (OSError, subprocess.SubprocessError) as e:
@@ -652,7 +689,7 @@ def _build_and_load():
                        "built; bf16 decode uses oneDNN and quantized CPU layers torch's slower packed kernels.")
         return None
     path = library_path(compiler, signature)
-    if not os.path.exists(path) and not _compile(compiler, path):
+    if not os.path.exists(path) and not _compile(compiler, path, compile_flags(signature)):
         logger.warning("Compiling the AVX-512 CPU quantization kernels failed (details at INFO level); bf16 decode "
                        "uses oneDNN and quantized CPU layers torch's slower packed kernels instead.")
         return None
