@@ -262,7 +262,7 @@ def main():
             m = model if bits == 0 else copy.deepcopy(model).quantize(bits).pack_weights()
             ms, out = decode_ms_per_token(m, args.tokens)
             results[bits] = dict(ms_per_token=ms, block_linear_bytes=linear_bytes(m, Q),
-                                 backend=qmod.quantization_backend(m) if bits else "bf16 F.linear",
+                                 backend=qmod.quantization_backend(m) if bits else "bf16 (pack_weights: GEMV binding or oneDNN)",
                                  footprint_bytes=m.get_memory_footprint())
             outputs[bits] = out
             if bits:
