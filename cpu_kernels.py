@@ -96,12 +96,13 @@ class Int4Pack:
         """values in [0, 15], [n, K] -> torch's CPU int4 layout (uint8 [n, K/2])."""
         try:
             return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values_u4.to(torch.int32).contiguous(), 2)
-        except RuntimeError as e:
-            if "kByte" not in str(e) and "uint8" not in str(e).lower():
-                raise
+        except RuntimeError as first:
             # Other torch builds take the values already nibble-packed (uint8 [n, K/2], element 2j high).
             v = values_u4.to(torch.uint8)
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu((v[:, 0::2] << 4 | v[:, 1::2]).contiguous(), 2)
+            try:
+                return torch.ops.aten._convert_weight_to_int4pack_for_cpu((v[:, 0::2] << 4 | v[:, 1::2]).contiguous(), 2)
+            except RuntimeError:
+                raise first from None
 
     @staticmethod
     def _layout_unpack(packed, n, k, block_n, mode):
@@ -152,7 +153,8 @@ class Int4Pack:
 
     def unpack(self, packed, bits, out_features, in_features):
         block_n, mode = self._calibrate()
-        return codes_to_stored(self._layout_unpack(packed, out_features, in_features, block_n, mode) ^ 8)
+        codes = self._layout_unpack(packed.view(torch.uint8), out_features, in_features, block_n, mode)
+        return codes_to_stored(codes ^ 8)
 
     def scales(self, scale, in_features, dtype):
         """[K/group, N, 2] (scale, zero = 0) in the activation dtype."""
@@ -164,7 +166,7 @@ class Int4Pack:
         if x2.dtype != table.dtype:
             return self.matmul(x2.to(table.dtype), packed, table, bits, out_features, in_features).to(x2.dtype)
         group_size = in_features // table.shape[0]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, table)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed.view(torch.uint8), group_size, table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,14 +207,8 @@ CPU_SOURCE = r"""
 /* Software prefetch distances in bytes (0: none, the hardware prefetchers alone), set by the build (-D, see
  * prefetch_distances() in cpu_kernels.py): PREFETCH_INT8 / PREFETCH_INT4 ahead of the blocked stream, PREFETCH_ROW
  * ahead of each bf16 row. */
-#ifndef PREFETCH_INT8
-#define PREFETCH_INT8 8192
-#endif
-#ifndef PREFETCH_INT4
-#define PREFETCH_INT4 8192
-#endif
-#ifndef PREFETCH_ROW
-#define PREFETCH_ROW 4096
+#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW)
+#error "build with -DPREFETCH_INT8=<bytes> -DPREFETCH_INT4=<bytes> -DPREFETCH_ROW=<bytes> (cpu_kernels.compile_flags)"
 #endif
 
 enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_F16 = 2 };

@@ -100,21 +100,58 @@ def unpack_model(model):
 
 
 class PackedWeight(nn.Parameter):
-    """A bf16 weight held in oneDNN's prepacked (blocked) layout for CPU inference: same shape, dtype and number
-    of elements as the dense weight, so ``parameters()``, ``num_parameters()`` and ``get_memory_footprint()`` do
-    not change. Copying or pickling it gives the dense weight."""
+    """A weight held in a kernel's inference layout (oneDNN's blocked bf16, a quantized kernel's), standing in for a
+    module's ``weight`` Parameter between ``pack()`` and ``unpack()``: same shape, dtype and number of elements, so
+    ``parameters()``, ``num_parameters()`` and ``get_memory_footprint()`` do not change with the layout.
+    ``unpacked()`` gives the weight it stands for. ``original`` is the module's own Parameter object, emptied while
+    packed (one resident copy). Copies and pickles stay packed; oneDNN's opaque tensors copy as the dense weight."""
 
-    dense_requires_grad = False  # what the dense Parameter had (copies get it back)
-
-    def _dense_copy(self):
-        return nn.Parameter(self.to_dense(), requires_grad=self.dense_requires_grad)
+    def unpacked(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.unpack_fn(self)
 
     def __deepcopy__(self, memo):
-        memo[id(self)] = copy = self._dense_copy()
+        if self.layout != torch.strided:
+            copy = nn.Parameter(self.unpacked(), requires_grad=self.original.requires_grad)
+        else:
+            copy = _packed_weight(self.data.clone(), self.unpack_fn, self.original.__deepcopy__(memo))
+        memo[id(self)] = copy
         return copy
 
     def __reduce_ex__(self, protocol):
-        return self._dense_copy().__reduce_ex__(protocol)
+        if self.layout != torch.strided:
+            return nn.Parameter(self.unpacked(), requires_grad=self.original.requires_grad).__reduce_ex__(protocol)
+        return _packed_weight, (self.data, self.unpack_fn, self.original)
+
+
+def _packed_weight(data, unpack_fn, original):
+    packed = PackedWeight(data, requires_grad=False)
+    packed.unpack_fn, packed.original = unpack_fn, original
+    return packed
+
+
+def pack_weight(module, pack_fn, unpack_fn):
+    """Put ``pack_fn(weight)`` (its values in a kernel's layout, as many bytes) in place of ``module.weight``, as a
+    :class:`PackedWeight`; ``unpack_fn(packed)`` must give the weight back. Call under ``PACK_LOCK``."""
+    weight = module._parameters["weight"]
+    with torch.inference_mode(False), torch.no_grad():
+        data = pack_fn(weight.detach())
+        if data.layout == torch.strided:  # (oneDNN's opaque tensors already have the weight's shape and dtype)
+            data = data.view(weight.dtype).view(weight.shape)
+        packed = _packed_weight(data, unpack_fn, weight)
+        weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+    module._parameters["weight"] = packed
+    return packed
+
+
+def unpack_weight(module):
+    """Undo :func:`pack_weight`: the original Parameter object, refilled, is ``module.weight`` again (no-op when
+    the weight is not packed)."""
+    packed = module._parameters.get("weight")
+    if type(packed) is PackedWeight:
+        with torch.inference_mode(False), torch.no_grad():
+            packed.original.data = packed.unpacked()
+        module._parameters["weight"] = packed.original
 
 
 class Linear(InferenceLayout, nn.Linear):
@@ -125,8 +162,8 @@ class Linear(InferenceLayout, nn.Linear):
 
     - where this package's CPU kernels build (x86-64 with AVX-512), it binds their bf16 GEMV
       (``cpu_kernels.linear_bf16``) for inputs of up to 4 rows; the weight stays exactly as it is;
-    - else it replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout (no second
-      copy); :meth:`unpack` puts the original Parameter object back with the dense values.
+    - else it replaces ``weight`` by a :class:`PackedWeight` holding the same values in oneDNN's layout
+      (:func:`pack_weight`); :meth:`unpack` puts the original Parameter object back with the dense values.
 
     A forward that needs autograd or another dtype unpacks too.
     """
@@ -149,26 +186,14 @@ class Linear(InferenceLayout, nn.Linear):
             if weight.is_contiguous() and cpu_gemv_kernel() is not None:
                 self.gemv = cpu_gemv_kernel()
             elif cpu_prepack_enabled():
-                with torch.inference_mode(False), torch.no_grad():
-                    packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1),
-                                          requires_grad=False)
-                    packed.dense_requires_grad = weight.requires_grad
-                    self._dense_weight = (weight,)  # the original Parameter object, emptied; unpack() refills it
-                    weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
-                self._parameters["weight"] = packed
+                pack_weight(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.Tensor.to_dense)
         return self
 
     def unpack(self):
         """Back to the dense weight in the original Parameter object, no kernel bound (no-op when not packed)."""
         with PACK_LOCK:
             self.gemv = None
-            packed = self._parameters.get("weight")
-            if isinstance(packed, PackedWeight):
-                (weight,) = self._dense_weight
-                with torch.inference_mode(False), torch.no_grad():
-                    weight.data = packed.to_dense()
-                self._parameters["weight"] = weight
-                self._dense_weight = None
+            unpack_weight(self)
         return self
 
     def forward(self, x):

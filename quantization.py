@@ -37,6 +37,7 @@ name                device layout  what runs
 The kernel modules are imported the first time a layer is bound to a device that uses them; ``cpm_kernels`` only
 when its launcher is first asked for. Anything missing there falls back (with one warning) instead of failing.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .configuration_chatglm import SUPPORTED_QUANTIZATION_BITS
-from .linear import PACK_LOCK, InferenceLayout
+from .linear import PACK_LOCK, InferenceLayout, PackedWeight, pack_weight, unpack_weight
 
 logger = logging.get_logger(__name__)
 
@@ -246,10 +247,10 @@ class QuantizedLinear(InferenceLayout, torch.nn.Module):
     Parameters (the checkpoint keys): ``weight`` int8 [out, in*bits/8], ``weight_scale`` [out] and ``bias``
     [out] or None, both in the model dtype.
 
-    ``backend`` names the bound kernel (None until the first forward or :meth:`pack`). While ``is_packed``, the
-    weight lives in the non-persistent buffer ``packed_weight`` in the kernel's layout (same size) with the scales
-    in the form it wants in ``scale_table``, and ``weight`` is an empty placeholder (the same Parameter object);
-    :meth:`stored_weight` gives the stored format bit for bit, and ``state_dict()`` unpacks first.
+    ``backend`` names the bound kernel (None until the first forward or :meth:`pack`). While ``is_packed``,
+    ``weight`` is a :class:`linear.PackedWeight` of the same shape and dtype holding the kernel's layout, with the
+    scales in the form it wants in the non-persistent buffer ``scale_table``; :meth:`stored_weight` gives the
+    stored format bit for bit, and ``state_dict()`` unpacks first.
     """
 
     def __init__(self, in_features, out_features, bits, bias=False, dtype=torch.float16, device=None):
@@ -267,12 +268,10 @@ class QuantizedLinear(InferenceLayout, torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("packed_weight", None, persistent=False)
-        self.register_buffer("scale_table", None, persistent=False)
-        self.is_packed = False
+        self.register_buffer("scale_table", None, persistent=False)  # the scales as a packed kernel wants them
         self.backend = None  # name of the bound kernel
         self._kernel = None
-        self._bound_for = None  # (device, dtype, choice epoch) the kernel was chosen for
+        self._bound_for = None  # (device, dtype, choice epoch) of a stored-format kernel; (.., name, "packed")
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, bits: int, empty_init=False, device=None) -> "QuantizedLinear":
@@ -300,38 +299,41 @@ class QuantizedLinear(InferenceLayout, torch.nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend}, packed={self.is_packed}")
 
     # -- explicit conversion ------------------------------------------------------------------------------------------
+    @property
+    def is_packed(self) -> bool:
+        return type(self._parameters["weight"]) is PackedWeight
+
     def pack(self, dtype: Optional[torch.dtype] = None) -> "QuantizedLinear":
         """Bind the fastest backend for this layer's device and ``dtype`` inputs (default: the model dtype) and, if
         it reads a layout of its own, re-lay the weight out for it, once. No-op when already so."""
         device, dtype = self.weight_scale.device, dtype or self.weight_scale.dtype
+        bits, n, k = self.weight_bit_width, self.out_features, self.in_features
         with PACK_LOCK, torch.inference_mode(False), torch.no_grad():
             kernel = _choose(self, device, dtype, packed_ok=True)
-            if not (self.backend == kernel.name and self._bound_for and self._bound_for[:2] == (device, dtype)):
+            packed_for = (device, dtype, kernel.name, "packed")
+            if kernel.layout is None:
                 self.unpack()
-                if kernel.layout is not None:
-                    weight = self._parameters["weight"]
-                    self.packed_weight = kernel.pack(weight.detach(), self.weight_bit_width)
-                    self.scale_table = kernel.scales(self.weight_scale.detach(), self.in_features, dtype)
-                    weight.data = torch.empty(0, dtype=torch.int8, device=device)
-                    self.is_packed = True
-            self._kernel, self.backend, self._bound_for = kernel, kernel.name, (device, dtype, _choice_epoch)
+                self._kernel, self.backend, self._bound_for = kernel, kernel.name, (device, dtype, _choice_epoch)
+            elif not (self.is_packed and self._bound_for == packed_for):
+                self.unpack()
+                unpack = functools.partial(kernel.unpack, bits=bits, out_features=n, in_features=k)
+                pack_weight(self, lambda w: kernel.pack(w, bits), unpack)
+                self.scale_table = kernel.scales(self.weight_scale.detach(), k, dtype)
+                self._kernel, self.backend, self._bound_for = kernel, kernel.name, packed_for
         return self
 
     def unpack(self) -> "QuantizedLinear":
         """Back to the stored format with no backend bound (no-op when not packed)."""
-        with PACK_LOCK, torch.inference_mode(False), torch.no_grad():
-            if self.is_packed:
-                self._parameters["weight"].data = self.stored_weight()
-                self.packed_weight = self.scale_table = None
-                self.is_packed = False
+        with PACK_LOCK:
+            unpack_weight(self)
+            self.scale_table = None
             self._kernel = self.backend = self._bound_for = None
         return self
 
     def stored_weight(self) -> torch.Tensor:
         """The weight in the published storage format, whatever layout is resident."""
-        if self.is_packed:
-            return self._kernel.unpack(self.packed_weight, self.weight_bit_width, self.out_features, self.in_features)
-        return self.weight
+        weight = self._parameters["weight"]
+        return weight.unpacked() if type(weight) is PackedWeight else weight
 
     def backend_for(self, device=None, dtype=None) -> str:
         """The backend a forward with inputs on ``device`` in ``dtype`` uses (default: this layer's)."""
@@ -350,13 +352,14 @@ class QuantizedLinear(InferenceLayout, torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if not self.is_packed and self._bound_for != (x.device, x.dtype, _choice_epoch):
-            kernel = _choose(self, x.device, x.dtype, packed_ok=False)
-            self._kernel, self.backend, self._bound_for = kernel, kernel.name, (x.device, x.dtype, _choice_epoch)
-        if self.is_packed:
-            weight, scale = self._buffers["packed_weight"], self._buffers["scale_table"]
+        weight = self._parameters["weight"]
+        if type(weight) is PackedWeight:
+            scale = self._buffers["scale_table"]
         else:
-            weight, scale = self._parameters["weight"], self._parameters["weight_scale"]
+            if self._bound_for != (x.device, x.dtype, _choice_epoch):
+                kernel = _choose(self, x.device, x.dtype, packed_ok=False)
+                self._kernel, self.backend, self._bound_for = kernel, kernel.name, (x.device, x.dtype, _choice_epoch)
+            scale = self._parameters["weight_scale"]
         x2 = x.reshape(-1, self.in_features)
         if x.requires_grad and not self._kernel.differentiable and torch.is_grad_enabled():
             out = _KernelMatmul.apply(x2, self, weight, scale)

@@ -68,7 +68,7 @@ def test_generate_packs_explicitly_and_parameters_stay_the_same(bf16_pair):
         assert all(type(m.weight) is torch.nn.Parameter and m.weight.data_ptr() == p
                    for m, p in zip(linears, pointers))
     else:
-        assert all(m._dense_weight[0].numel() == 0 for m in linears)  # no second copy
+        assert all(m.weight.original.numel() == 0 for m in linears)  # no second copy
     with torch.inference_mode():
         got = model(input_ids=ids).logits.float()  # 9 rows: the GEMM path
         step = model(input_ids=ids[:1, -1:], position_ids=torch.tensor([[8]])).logits.float()  # 1 row: the GEMV

@@ -163,7 +163,7 @@ def test_forward_never_changes_the_layout_and_binds_a_stored_format_backend(bits
     tensors = [(n, t) for n, t in list(layer.named_parameters()) + list(layer.named_buffers())]
     with torch.no_grad():
         layer(torch.randn(2, 96, dtype=torch.bfloat16))
-    assert not layer.is_packed and layer.packed_weight is None
+    assert not layer.is_packed and type(layer.weight) is torch.nn.Parameter
     assert [(n, t) for n, t in list(layer.named_parameters()) + list(layer.named_buffers())] == tensors
     assert layer.backend == ("cpu-int8pack" if bits == 8 else "torch-dequant")  # no layout of its own
     Q.set_quantization_backend("torch-dequant")  # unpacked layers choose again
@@ -175,16 +175,18 @@ def test_forward_never_changes_the_layout_and_binds_a_stored_format_backend(bits
 def test_int4_cpu_layout_packed_once_and_state_dict_gives_back_stored_format():
     _, layer = _layer(4, torch.bfloat16)
     stored = layer.weight.detach().clone()
+    original = layer.weight
     x = torch.randn(2, 96, dtype=torch.bfloat16)
     assert layer.pack() is layer and layer.backend == "cpu-int4pack" and layer.is_packed
     with torch.no_grad():
         first = layer(x)
-    assert layer.packed_weight is not None and layer.weight.numel() == 0  # one resident copy
-    packed = layer.packed_weight
+    packed = layer.weight  # the kernel's layout, standing in for the stored weight: same shape, dtype, size
+    assert tuple(packed.shape) == tuple(stored.shape) and packed.dtype == stored.dtype
+    assert packed.original.numel() == 0  # one resident copy
     with torch.no_grad():
         assert torch.equal(layer(x), first)
     layer.pack()
-    assert layer.packed_weight is packed  # packing again is a no-op
+    assert layer.weight is packed  # packing again is a no-op
     sd = layer.state_dict()
     assert set(sd) == {"weight", "weight_scale", "bias"}  # runtime buffers are not persistent
     assert torch.equal(sd["weight"], stored) and not layer.is_packed  # state_dict() unpacks first
@@ -194,31 +196,33 @@ def test_int4_cpu_layout_packed_once_and_state_dict_gives_back_stored_format():
     old = CK.PACK_CHUNK_ROWS
     try:
         CK.PACK_CHUNK_ROWS = 64
-        assert torch.equal(CK.KERNELS["cpu-int4pack"].pack(stored, 4), packed)
+        assert torch.equal(CK.KERNELS["cpu-int4pack"].pack(stored, 4).view(torch.int8), packed)
     finally:
         CK.PACK_CHUNK_ROWS = old
-    # unpack gives the stored weight back in the same Parameter object
-    weight_param = layer.weight
+    # unpack gives the stored weight back in the layer's own Parameter object
+    assert layer.weight.original is original
     layer.unpack()
-    assert layer.weight is weight_param and torch.equal(layer.weight, stored)
-    assert not layer.is_packed and layer.packed_weight is None and layer.scale_table is None
+    assert layer.weight is original and torch.equal(layer.weight, stored)
+    assert not layer.is_packed and layer.scale_table is None
 
 
 @pytest.mark.parametrize("bits", (8, 4))
 def test_quantized_linear_life_cycle(bits):
     _, layer = _layer(bits, torch.float32)
     x = torch.randn(4, 96)
+    stored = layer.state_dict()["weight"].clone()
     layer.pack()
     with torch.no_grad():
         expected = layer(x)
-    stored = layer.state_dict()["weight"].clone()
 
-    # deepcopy / pickle keep working
-    assert torch.equal(copy.deepcopy(layer)(x), expected)
+    # deepcopy / pickle of a packed layer keep working (and stay packed)
+    copied = copy.deepcopy(layer)
+    assert copied.is_packed == layer.is_packed and torch.equal(copied(x), expected) and torch.equal(copied.stored_weight(), stored)
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
-    assert torch.equal(torch.load(buf, weights_only=False)(x), expected)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.is_packed == layer.is_packed and torch.equal(loaded(x), expected) and torch.equal(loaded.state_dict()["weight"], stored)
 
     # an empty layer built on meta (as transformers does), then loaded
     fresh = Q.QuantizedLinear(96, 192, bits, bias=True, dtype=torch.float32, device="meta").to_empty(device="cpu")
@@ -240,7 +244,7 @@ def test_quantized_linear_life_cycle(bits):
     assert not copy.deepcopy(layer).train().is_packed
     assert half(x.bfloat16()).dtype == torch.bfloat16
     meta = copy.deepcopy(layer).to("meta")
-    assert tuple(meta.weight.shape) == tuple(stored.shape) and meta.packed_weight is None
+    assert tuple(meta.weight.shape) == tuple(stored.shape) and not meta.is_packed
 
 
 def test_load_state_dict_rejects_wrong_shapes_and_float_weights():
@@ -675,7 +679,7 @@ def test_cpu_kernel_dequantize_is_bit_exact(dtype, bits):
         dense = torch.empty(KERNEL_OUT, KERNEL_IN, dtype=dtype)
         scale = layer.scale_table
         assert scale.dtype == torch.float32
-        CK.load().chatglm_cpu_dequantize(layer.packed_weight.data_ptr(), bits, scale.data_ptr(), dense.data_ptr(),
+        CK.load().chatglm_cpu_dequantize(layer.weight.data_ptr(), bits, scale.data_ptr(), dense.data_ptr(),
                                          CK.IO_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
         assert torch.equal(dense, expected)
         assert torch.equal(out, F.linear(x, expected) + layer.bias)
@@ -735,12 +739,12 @@ def test_cpu_kernel_layout_life_cycle(bits):
     x = torch.randn(2, KERNEL_IN, dtype=torch.bfloat16)
     with torch.no_grad():
         first = layer.pack()(x)
-    assert layer.backend == "cpu-avx512" and layer.weight.numel() == 0  # one resident copy, same size
-    assert layer.packed_weight.numel() == stored.numel()
-    packed = layer.packed_weight
+    packed = layer.weight
+    assert layer.backend == "cpu-avx512" and packed.original.numel() == 0  # one resident copy
+    assert tuple(packed.shape) == tuple(stored.shape) and packed.dtype == stored.dtype  # same size
     with torch.no_grad():
         assert torch.equal(layer(x), first)
-    assert layer.packed_weight is packed  # not repacked per call
+    assert layer.weight is packed  # not repacked per call
     sd = layer.state_dict()
     assert set(sd) == {"weight", "weight_scale", "bias"} and torch.equal(sd["weight"], stored)
     assert not layer.is_packed and torch.equal(layer.weight, stored)  # state_dict() unpacks first
@@ -768,7 +772,7 @@ def test_cpu_kernel_layout_life_cycle(bits):
     assert moved.scale_table.dtype == torch.float32
     # device moves go back to the stored format; loading a new weight drops the packed copy
     meta = copy.deepcopy(layer).to("meta")
-    assert meta.packed_weight is None and tuple(meta.weight.shape) == tuple(stored.shape)
+    assert not meta.is_packed and tuple(meta.weight.shape) == tuple(stored.shape)
     _, other = _layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN, seed=1)
     layer.load_state_dict(other.state_dict())
     with torch.no_grad():
@@ -992,12 +996,16 @@ def test_model_pack_unpack_and_the_ways_back_to_the_stored_format(float_dir):
     layers = list(block_linears(model).values())
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
+    shapes = [(n, p.shape, p.dtype) for n, p in model.named_parameters()]
+    count, footprint = model.num_parameters(), model.get_memory_footprint()
     ids = _ids()
     with torch.no_grad():
         unpacked_logits = model(ids).logits
     assert model.pack_weights() is model
     assert all(m.is_packed and m.backend == "cpu-int4pack" for m in layers)
-    assert [id(p) for p in model.parameters()] == params  # the same Parameter objects throughout
+    # parameters() tells the truth while packed: the same names, shapes, dtypes, count and bytes
+    assert [(n, p.shape, p.dtype) for n, p in model.named_parameters()] == shapes
+    assert model.num_parameters() == count and model.get_memory_footprint() >= footprint
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, unpacked_logits, rtol=1e-4, atol=1e-4)
     sd = model.state_dict()
@@ -1005,10 +1013,10 @@ def test_model_pack_unpack_and_the_ways_back_to_the_stored_format(float_dir):
     for undo in (lambda m: m.unpack_weights(), lambda m: m.train(), lambda m: m.float(), lambda m: m.to("cpu")):
         model.eval().pack_weights()
         undo(model)
-        assert not any(m.is_packed or m.packed_weight is not None for m in layers)
+        assert not any(m.is_packed or m.scale_table is not None for m in layers)
         sd = model.state_dict()
         assert all(torch.equal(sd[k], v) for k, v in stored.items())
-        assert [id(p) for p in model.parameters()] == params
+        assert [id(p) for p in model.parameters()] == params  # unpacking puts the same Parameter objects back
 
 
 _FRESH_PROCESS_CHILD = r"""
