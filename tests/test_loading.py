@@ -299,7 +299,7 @@ _CHILD = textwrap.dedent(r'''
 
     def deny(*args, **kwargs):
         attempts.append("".join(traceback.format_stack(limit=12)[:-1]))
-        raise OSError("network disabled by test_security")
+        raise OSError("network disabled by test_loading")
 
     socket.socket.connect = deny
     socket.socket.connect_ex = deny

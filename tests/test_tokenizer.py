@@ -437,7 +437,7 @@ def test_decode_random_ids_slow_equals_fast(tiny_slow, tiny_fast, ids):
     for skip in (False, True):
         assert tiny_slow.decode(ids, skip_special_tokens=skip) == tiny_fast.decode(ids, skip_special_tokens=skip)
         backend_ids = [i for i in ids if i >= 0]  # the backend takes unsigned ids
-        assert tiny_fast._tokenizer.decode(backend_ids, skip_special_tokens=skip) == tiny_fast.decode(
+        assert tiny_fast.backend_tokenizer.decode(backend_ids, skip_special_tokens=skip) == tiny_fast.decode(
             ids, skip_special_tokens=skip)
 
 
@@ -471,7 +471,7 @@ def test_decode_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp, ids):
         # keeps that one. Both of our classes decode like the backend (what vLLM runs).
         expected = expected[1:]
     assert tiny_fast.decode(ids) == expected == tiny_slow.decode(ids)
-    assert tiny_fast._tokenizer.decode(ids, skip_special_tokens=False) == expected
+    assert tiny_fast.backend_tokenizer.decode(ids, skip_special_tokens=False) == expected
 
 
 def test_decode_invalid_utf8_like_tokenizers_byte_fallback(tok):
@@ -499,7 +499,8 @@ def _sp_piece_text(sp, i, n_sp):
 @needs_real
 def test_backend_decodes_every_id_like_decode(real_slow, real_fast, real_sp):
     """vLLM decodes with the backend (`tokenizer._tokenizer`): for every id it gives tokenizer.decode's text."""
-    backend, n_sp = real_fast._tokenizer, real_sp.get_piece_size()
+    backend, n_sp = real_fast._tokenizer, real_sp.get_piece_size()  # the attribute vLLM reads, as it spells it
+    assert backend is real_fast.backend_tokenizer  # (the public name of the same object, used by the other tests)
     specials = set(real_fast.all_special_ids) | {1}
     for i in range(real_fast.vocab_size + 3):
         expected = _sp_piece_text(real_sp, i, n_sp)
@@ -511,7 +512,7 @@ def test_backend_decodes_every_id_like_decode(real_slow, real_fast, real_sp):
 
 @needs_real
 def test_backend_decodes_texts_like_sentencepiece(real_slow, real_fast, real_sp):
-    backend = real_fast._tokenizer
+    backend = real_fast.backend_tokenizer
     texts = mixed_corpus(800, seed=12, max_len=300) + ["你好，世界！\nHello world, it's 2024.", "😀\n\n  x", "\x00\x07"]
     for text in texts:
         ids = real_fast(text, add_special_tokens=False)["input_ids"]
