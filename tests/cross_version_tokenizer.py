@@ -84,7 +84,7 @@ def check(out: Path):
                     break
             if tok.decode(prefix + [2]) != "[gMASK]sop</s>" or tok.decode(prefix + [2], skip_special_tokens=True):
                 problems.append("decode of special ids")
-            if fast and tok._tokenizer.decode(got[0], skip_special_tokens=False) != tok.decode(got[0]):
+            if fast and tok.backend_tokenizer.decode(got[0], skip_special_tokens=False) != tok.decode(got[0]):
                 problems.append("backend decode differs from decode")
             if problems:
                 failures.append(f"{what}: " + "; ".join(problems))

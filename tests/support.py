@@ -118,3 +118,56 @@ def has_transformers_glm():
         return True
     except ImportError:
         return False
+
+
+def copy_dir(src, dst):
+    """A copy of the folder ``src`` at ``dst`` (a fresh path), returned as a Path."""
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def dtype_kwargs(dtype):
+    """``dtype=`` on transformers >= 4.56 (``torch_dtype`` deprecated there), ``torch_dtype=`` before."""
+    from transformers import PretrainedConfig
+
+    return {"dtype" if hasattr(PretrainedConfig(), "dtype") else "torch_dtype": dtype}
+
+
+def random_ids(batch=2, seq=10, seed=0, low=3):
+    """Seeded random token ids inside the tiny vocabulary (above the special ids 0-2 by default)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, TINY_CONFIG["padded_vocab_size"], (batch, seq), generator=gen)
+
+
+def lm_batch(batch=2, seq=12, seed=1):
+    """(input_ids, labels) for causal-LM training: the first 3 tokens are a "prompt" that is not trained on."""
+    ids = random_ids(batch, seq, seed)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return ids, labels
+
+
+def logits_of(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits.float()
+
+
+def greedy(model, ids, n=8):
+    """``n`` greedy tokens after ``ids`` (never stopping at eos)."""
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+
+
+def read_safetensors_folder(folder):
+    """All tensors of a (possibly sharded) safetensors folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    out = {}
+    for f in files:
+        out.update(load_file(str(folder / f)))
+    return out

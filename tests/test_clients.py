@@ -19,7 +19,7 @@ import torch
 
 from support import load_model
 from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist
-from tokenizer_helpers import model_dir_with_tokenizer, real_model_path
+from tokenizer_helpers import real_model_path
 
 GMASK, SOP, EOS = 64790, 64792, 2
 
@@ -31,21 +31,10 @@ def needs(*modules):
                                                       f"stage installs them)")
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    """A tiny model with the published vocabulary size (65024 rows) and the tokenizer files."""
-    return model_dir_with_tokenizer(tmp_path_factory.mktemp("clients"), num_layers=2)
 
 
-@pytest.fixture(scope="module")
-def tok(lm_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(lm_dir, trust_remote_code=True)
-
-
-def prefix_ids(tok):
-    return tok.convert_tokens_to_ids(["[gMASK]", "sop"])
+def prefix_ids(lm_tokenizer):
+    return lm_tokenizer.convert_tokens_to_ids(["[gMASK]", "sop"])
 
 
 # =====================================================================================================================
@@ -76,26 +65,26 @@ def _needs_trl_on_this_device():
         pytest.skip("this TRL's SFTTrainer needs Triton (a CUDA/XPU GPU) for its fused LM head; no CPU path")
 
 
-def _sft(lm_dir, tok, tmp_path, dataset, peft_config=None, lr=1e-2, steps=4):
+def _sft(lm_dir, lm_tokenizer, tmp_path, dataset, peft_config=None, lr=1e-2, steps=4):
     from trl import SFTConfig, SFTTrainer
 
     model = load_model(lm_dir).train()
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=2,
                      learning_rate=lr, lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
                      save_strategy="no", seed=0, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=lm_tokenizer,
                          peft_config=peft_config)
     return trainer
 
 
-def _check_examples_and_fused_loss(trainer, tok):
+def _check_examples_and_fused_loss(trainer, lm_tokenizer):
     """Every tokenized example is ``[gMASK] sop ... </s>`` with the eos as id 2 (what the model must learn to stop
     on); TRL's loss on a batch (its fused LM head runs ``model.base_model`` and reads ``last_hidden_state``
     batch-first) equals our log-softmax over the head's logits."""
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     for ex in examples:
-        assert ex["input_ids"][:2] == prefix_ids(tok), ex
-        assert ex["input_ids"][-1] == EOS == tok.eos_token_id, ex
+        assert ex["input_ids"][:2] == prefix_ids(lm_tokenizer), ex
+        assert ex["input_ids"][-1] == EOS == lm_tokenizer.eos_token_id, ex
         assert ex["input_ids"].count(EOS) == 1, ex
     batch = trainer.data_collator(examples[:2])
     assert (batch["labels"] == EOS).sum() == 2  # the eos is a trained target of both rows
@@ -110,12 +99,12 @@ def _check_examples_and_fused_loss(trainer, tok):
 
 
 @needs("trl", "datasets")
-def test_trl_sft_full_fine_tune_lowers_the_loss(lm_dir, tok, tmp_path):
+def test_trl_sft_full_fine_tune_lowers_the_loss(lm_dir, lm_tokenizer, tmp_path):
     _needs_trl_on_this_device()
     from datasets import Dataset
 
-    trainer = _sft(lm_dir, tok, tmp_path, Dataset.from_dict({"text": TEXTS}))
-    batch, before = _check_examples_and_fused_loss(trainer, tok)
+    trainer = _sft(lm_dir, lm_tokenizer, tmp_path, Dataset.from_dict({"text": TEXTS}))
+    batch, before = _check_examples_and_fused_loss(trainer, lm_tokenizer)
     initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -127,7 +116,7 @@ def test_trl_sft_full_fine_tune_lowers_the_loss(lm_dir, tok, tmp_path):
 
 
 @needs("trl", "datasets", "peft")
-def test_trl_sft_lora_trains_only_the_adapters(lm_dir, tok, tmp_path):
+def test_trl_sft_lora_trains_only_the_adapters(lm_dir, lm_tokenizer, tmp_path):
     _needs_trl_on_this_device()
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
@@ -136,12 +125,12 @@ def test_trl_sft_lora_trains_only_the_adapters(lm_dir, tok, tmp_path):
                               "completion": ["真不错。", " Paris.", " 2", "，世界！"]})
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["query_key_value", "dense_h_to_4h"], lora_dropout=0.0,
                         task_type="CAUSAL_LM")
-    trainer = _sft(lm_dir, tok, tmp_path, data, peft_config=config, lr=5e-2, steps=6)
+    trainer = _sft(lm_dir, lm_tokenizer, tmp_path, data, peft_config=config, lr=5e-2, steps=6)
     assert isinstance(trainer.model, PeftModel)
     for ex in trainer.train_dataset:  # only the completion (and its eos) is trained
         labelled = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
         assert labelled[-1] == EOS and ex["labels"][:2] == [-100, -100], ex
-    batch, before = _check_examples_and_fused_loss(trainer, tok)
+    batch, before = _check_examples_and_fused_loss(trainer, lm_tokenizer)
     frozen = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" not in k}
     trainer.train()
     assert _own_loss(trainer.model, batch) < before - 0.5
@@ -279,7 +268,7 @@ def _converter(tmp_path):
                     f"or put one in ~/.cache/chatglm3-tests")
 @needs("gguf")
 @needs_published_vocab
-def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
+def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, lm_tokenizer, tmp_path):
     import gguf
     from safetensors.torch import load_file
 
@@ -291,7 +280,7 @@ def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     saved = tmp_path / "fine-tune"
     model.save_pretrained(saved)
-    tok.save_pretrained(saved)
+    lm_tokenizer.save_pretrained(saved)
     cfg = json.loads((saved / "config.json").read_text())
     assert "THUDM/chatglm3-6b" in cfg["_name_or_path"]  # what the converter recognises ChatGLM3 by
 
@@ -319,7 +308,7 @@ def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
     assert field("chatglm.block_count") == cfg["num_layers"]
     assert field("chatglm.embedding_length") == cfg["hidden_size"]
     assert field("chatglm.attention.head_count_kv") == cfg["multi_query_group_num"]
-    assert field("tokenizer.chat_template") == tok.chat_template
+    assert field("tokenizer.chat_template") == lm_tokenizer.chat_template
 
     # tensors: the converter's name mapping, values unchanged (GGUF stores the torch shape reversed)
     weights = load_file(str(saved / "model.safetensors"))
@@ -349,7 +338,7 @@ def test_llama_cpp_converter_takes_a_saved_fine_tune(lm_dir, tok, tmp_path):
 # diffusers: KolorsPipeline.encode_prompt with our text encoder and tokenizer = with diffusers' bundled ChatGLM ones
 # =====================================================================================================================
 @needs("diffusers")
-def test_kolors_encode_prompt_equals_diffusers_bundled_chatglm(lm_dir, tok):
+def test_kolors_encode_prompt_equals_diffusers_bundled_chatglm(lm_dir, lm_tokenizer):
     from diffusers import KolorsPipeline
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig as DiffusersConfig
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel as DiffusersModel
@@ -365,7 +354,7 @@ def test_kolors_encode_prompt_equals_diffusers_bundled_chatglm(lm_dir, tok):
 
     prompts = ["一只可爱的小猫，坐在窗台上", "A photo of an astronaut riding a horse on the moon"]
     results = []
-    for encoder, tokenizer in ((ours, tok), (theirs, their_tok)):
+    for encoder, tokenizer in ((ours, lm_tokenizer), (theirs, their_tok)):
         pipe = KolorsPipeline(vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=None, scheduler=None)
         with torch.no_grad():
             results.append(pipe.encode_prompt(prompts, device=torch.device("cpu"), do_classifier_free_guidance=True,

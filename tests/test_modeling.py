@@ -1,14 +1,18 @@
-"""Core model behaviour through the real trust_remote_code path, against transformers' own GlmForCausalLM
-(the same function as ChatGLM3 under a key mapping) as an independent reference."""
+"""configuration_chatglm.py and modeling_chatglm.py: the model's forward, loss and heads through the real
+trust_remote_code path, against transformers' own GlmForCausalLM (the same function as ChatGLM3 under a key mapping)
+as an independent reference; and the configuration's validation (hostile config.json fields are a ``ValueError``
+naming the field, before any weight is read)."""
 import ast
 import json
+import re
 import runpy
 import warnings
 
 import pytest
 import torch
 
-from support import CODE_FILES, REPO, TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
+from support import (CODE_FILES, REPO, TINY_CONFIG, copy_dir, dtype_kwargs, has_transformers_glm, lm_batch,
+                     load_model, make_model_dir, random_ids)
 from glm_reference import build_glm, left_padded_batch
 
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM")
@@ -404,3 +408,108 @@ def test_embedding_getters_setters(tiny_model):
     assert emb is tiny_model.transformer.embedding.word_embeddings
     assert tiny_model.get_output_embeddings() is tiny_model.transformer.output_layer
     assert tiny_model.transformer.get_input_embeddings() is emb
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile config.json fields (ChatGLMConfig's validation)
+# ---------------------------------------------------------------------------------------------------------------------
+# config.json fields: (field, value, regex the ValueError must match, marks)
+CONFIG_CASES = [
+    ("num_layers", "28", "num_layers", ()),
+    ("num_layers", 0, "num_layers", ()),
+    ("hidden_size", 0, "hidden_size", ()),
+    ("hidden_size", -64, "hidden_size", ()),
+    ("hidden_size", 64.0, "hidden_size", ()),
+    ("seq_length", 32768.5, "seq_length", ()),
+    ("seq_length", -1, "seq_length", ()),
+    ("padded_vocab_size", None, "padded_vocab_size", ()),
+    ("padded_vocab_size", "128", "padded_vocab_size", ()),
+    ("ffn_hidden_size", True, "ffn_hidden_size", ()),
+    ("kv_channels", 15, "kv_channels", ()),
+    ("kv_channels", 0, "kv_channels", ()),
+    ("num_attention_heads", 3, "num_attention_heads|divisible", ()),
+    ("multi_query_group_num", 0, "multi_query_group_num", ()),
+    ("multi_query_group_num", 3, "divisible|multi_query_group_num", ()),
+    ("quantization_bit", 3, "quantization_bit", ()),
+    ("quantization_bit", "8", "quantization_bit", ()),
+    ("pre_seq_len", -1, "pre_seq_len", ()),
+    ("pre_seq_len", 0, "pre_seq_len", ()),
+    ("rope_ratio", "50", "rope_ratio", ()),
+    ("rope_ratio", 0, "rope_ratio", ()),
+    ("layernorm_epsilon", "1e-5", "layernorm_epsilon", ()),
+    ("layernorm_epsilon", -1e-5, "layernorm_epsilon", ()),
+    ("hidden_dropout", 2.0, "hidden_dropout", ()),
+    ("attention_dropout", "x", "attention_dropout", ()),
+    ("classifier_dropout", 5, "classifier_dropout", ()),
+    ("use_cache", "no", "use_cache", ()),
+    ("rmsnorm", "yes", "rmsnorm", ()),
+    ("multi_query_attention", "false", "multi_query_attention", ()),
+]
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [pytest.param(f, v, m, id=f"{f}={v!r}", marks=marks) for f, v, m, marks in CONFIG_CASES])
+def test_config_json_hostile_field(tiny_dir, tmp_path, field, value, match):
+    from transformers import AutoConfig
+
+    folder = copy_dir(tiny_dir, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    try:
+        AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    except ValueError as err:
+        assert re.search(match, str(err)), err
+    except Exception as err:  # transformers 5 validates token ids against vocab_size before ChatGLMConfig does
+        pytest.xfail(f"RELIABILITY_FIXES.md F3b: {type(err).__name__}: {str(err)[:120]}")
+    else:
+        pytest.fail(f"config.json with {field}={value!r} was accepted")
+    with pytest.raises(ValueError, match=match):
+        load_model(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss normalisation and the sequence-classification head
+# ---------------------------------------------------------------------------------------------------------------------
+def test_forward_normalises_by_num_items_in_batch(tiny_model):
+    ids, labels = lm_batch()
+    n = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean = tiny_model(input_ids=ids, labels=labels).loss
+        summed = tiny_model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(2 * n)).loss
+    torch.testing.assert_close(summed, mean / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_classification_pools_last_token_with_left_padding(tiny_dir):
+    model = load_model(tiny_dir, cls="AutoModelForSequenceClassification", num_labels=3)
+    assert type(model).__name__ == "ChatGLMForSequenceClassification"
+    ids = random_ids(2, 8, seed=5)
+    ids[0, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).logits
+        alone = [model(input_ids=ids[i:i + 1, int(mask[i].argmax()):]).logits for i in range(2)]
+    assert batch.shape == (2, 3)
+    torch.testing.assert_close(batch, torch.cat(alone), atol=1e-5, rtol=0)
+
+    labels = torch.tensor([2, 0])
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.classifier_head.weight.grad is not None
+    torch.testing.assert_close(out.loss.detach(), torch.nn.functional.cross_entropy(out.logits.float().detach(),
+                                                                                    labels))
+
+
+def test_sequence_classification_head_in_model_dtype(tiny_dir):
+    model = load_model(tiny_dir, cls="AutoModelForSequenceClassification", num_labels=3,
+                       **dtype_kwargs(torch.bfloat16))
+    assert model.classifier_head.weight.dtype == torch.bfloat16
+    assert model.transformer.output_layer.weight.dtype == torch.bfloat16
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]))
+    assert out.logits.dtype == torch.bfloat16 and out.logits.shape == (2, 3)
+    assert torch.isfinite(out.loss)

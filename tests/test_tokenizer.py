@@ -1,17 +1,17 @@
-"""Tests of tokenization_chatglm.py (slow and fast), loaded through AutoTokenizer(..., trust_remote_code=True).
+"""tokenization_chatglm.py (slow and fast), loaded through AutoTokenizer(..., trust_remote_code=True): ids against
+raw SentencePiece, slow == fast, special tokens, padding and truncation, decoding and streaming, the chat format and
+template, setters and added tokens, property-based round trips, and random Unicode / random ids that must never crash
+encode or decode. Saving, loading and a missing or broken tokenizer.model: test_tokenizer_files.py.
 
 Two vocabularies: a tiny SentencePiece model trained here with ChatGLM's settings (always available), and the
-published tokenizer.model from ../shared/reference or $CHATGLM_TOKENIZER_MODEL (tests skip without it).
+published tokenizer.model from ../shared/reference or $CHATGLM_TOKENIZER_MODEL (tests skip without it); the folders
+and the published tokenizers are conftest.py's fixtures.
 """
 
-import hashlib
+import inspect
 import json
 import os
-import shutil
 import threading
-import uuid
-
-import inspect
 
 import pytest
 import sentencepiece as spm
@@ -19,14 +19,12 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenizer_helpers import (
     SPECIAL_TOKENS,
-    TRANSFORMERS_MAJOR,
     function_call_prompt_path,
     load_tokenizer,
     make_tokenizer_dir,
     mixed_corpus,
     real_model_path,
     sp_reference_ids,
-    train_tiny_model,
 )
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -40,28 +38,12 @@ PROP = settings(max_examples=1000 if LONG else 60, deadline=None,
 REAL = real_model_path()
 needs_real = pytest.mark.skipif(REAL is None, reason="published tokenizer.model not found (set CHATGLM_TOKENIZER_MODEL "
                                                      "or provide ../shared/reference/tokenizer.model)")
+FUZZ = settings(suppress_health_check=list(HealthCheck), deadline=None)  # examples: conftest.py's profile
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# fixtures
+# fixtures (the tokenizer folders and the published tokenizers real_slow / real_fast: conftest.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tiny_sp_model(tmp_path_factory):
-    return train_tiny_model(tmp_path_factory.mktemp("spm") / "tiny.model")
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory, tiny_sp_model):
-    return make_tokenizer_dir(tmp_path_factory.mktemp("tiny"), tiny_sp_model, "tiny")
-
-
-@pytest.fixture(scope="session")
-def real_dir(tmp_path_factory):
-    if REAL is None:
-        pytest.skip("published tokenizer.model not found")
-    return make_tokenizer_dir(tmp_path_factory.mktemp("real"), REAL, "real")
-
 
 @pytest.fixture(scope="session")
 def tiny_slow(tiny_tokenizer_dir):
@@ -71,16 +53,6 @@ def tiny_slow(tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_fast(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir, fast=True)
-
-
-@pytest.fixture(scope="session")
-def real_slow(real_dir):
-    return load_tokenizer(real_dir, fast=False)
-
-
-@pytest.fixture(scope="session")
-def real_fast(real_dir):
-    return load_tokenizer(real_dir, fast=True)
 
 
 @pytest.fixture(scope="session")
@@ -465,7 +437,7 @@ def test_decode_random_ids_slow_equals_fast(tiny_slow, tiny_fast, ids):
     for skip in (False, True):
         assert tiny_slow.decode(ids, skip_special_tokens=skip) == tiny_fast.decode(ids, skip_special_tokens=skip)
         backend_ids = [i for i in ids if i >= 0]  # the backend takes unsigned ids
-        assert tiny_fast._tokenizer.decode(backend_ids, skip_special_tokens=skip) == tiny_fast.decode(
+        assert tiny_fast.backend_tokenizer.decode(backend_ids, skip_special_tokens=skip) == tiny_fast.decode(
             ids, skip_special_tokens=skip)
 
 
@@ -499,7 +471,7 @@ def test_decode_matches_sentencepiece(tiny_slow, tiny_fast, tiny_sp, ids):
         # keeps that one. Both of our classes decode like the backend (what vLLM runs).
         expected = expected[1:]
     assert tiny_fast.decode(ids) == expected == tiny_slow.decode(ids)
-    assert tiny_fast._tokenizer.decode(ids, skip_special_tokens=False) == expected
+    assert tiny_fast.backend_tokenizer.decode(ids, skip_special_tokens=False) == expected
 
 
 def test_decode_invalid_utf8_like_tokenizers_byte_fallback(tok):
@@ -527,7 +499,8 @@ def _sp_piece_text(sp, i, n_sp):
 @needs_real
 def test_backend_decodes_every_id_like_decode(real_slow, real_fast, real_sp):
     """vLLM decodes with the backend (`tokenizer._tokenizer`): for every id it gives tokenizer.decode's text."""
-    backend, n_sp = real_fast._tokenizer, real_sp.get_piece_size()
+    backend, n_sp = real_fast._tokenizer, real_sp.get_piece_size()  # the attribute vLLM reads, as it spells it
+    assert backend is real_fast.backend_tokenizer  # (the public name of the same object, used by the other tests)
     specials = set(real_fast.all_special_ids) | {1}
     for i in range(real_fast.vocab_size + 3):
         expected = _sp_piece_text(real_sp, i, n_sp)
@@ -539,7 +512,7 @@ def test_backend_decodes_every_id_like_decode(real_slow, real_fast, real_sp):
 
 @needs_real
 def test_backend_decodes_texts_like_sentencepiece(real_slow, real_fast, real_sp):
-    backend = real_fast._tokenizer
+    backend = real_fast.backend_tokenizer
     texts = mixed_corpus(800, seed=12, max_len=300) + ["你好，世界！\nHello world, it's 2024.", "😀\n\n  x", "\x00\x07"]
     for text in texts:
         ids = real_fast(text, add_special_tokens=False)["input_ids"]
@@ -705,7 +678,7 @@ def test_chat_template_bad_roles(tok):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# special-token setters, saving, missing tokenizer.model
+# special-token setters, added tokens
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_special_token_setters(tiny_tokenizer_dir):
@@ -735,117 +708,6 @@ def test_user_added_tokens(tiny_tokenizer_dir):
         outs.append(ids)
     assert outs[0] == outs[1]
 
-
-def _save(t, parent, name):
-    """save_pretrained into a uniquely named folder (the name keys the remote-code module cache) with the code."""
-    out = parent / f"{name}_{uuid.uuid4().hex[:8]}"
-    t.save_pretrained(str(out))
-    return out
-
-
-def test_save_and_reload(tiny_tokenizer_dir, tmp_path):
-    texts = mixed_corpus(50, seed=7)
-    for fast in (False, True):
-        t = load_tokenizer(tiny_tokenizer_dir, fast=fast)
-        out = _save(t, tmp_path, "fast" if fast else "slow")
-        assert (out / "tokenizer.model").read_bytes() == (tiny_tokenizer_dir / "tokenizer.model").read_bytes()
-        assert (out / "tokenizer.json").exists() == fast
-        cfg = json.loads((out / "tokenizer_config.json").read_text())
-        assert cfg.get("padding_side") == "left"
-        # self-contained on every version: the code, and both classes in auto_map (whichever class saved)
-        assert (out / "tokenization_chatglm.py").read_bytes() == (tiny_tokenizer_dir / "tokenization_chatglm.py").read_bytes()
-        assert cfg["auto_map"]["AutoTokenizer"] == ["tokenization_chatglm.ChatGLMTokenizer",
-                                                   "tokenization_chatglm.ChatGLMTokenizerFast"]
-        t2 = load_tokenizer(out, fast=fast)
-        assert t2(texts, padding=True)["input_ids"] == t(texts, padding=True)["input_ids"]
-        assert t2.pad_token_id == 0 and t2.eos_token_id == 2
-        ids = t(texts[-1])["input_ids"]
-        assert t2.decode(ids) == t.decode(ids)
-
-
-@pytest.mark.parametrize("key", ["extra_special_tokens", "additional_special_tokens"])
-def test_special_tokens_list_from_any_version(tiny_tokenizer_dir, tmp_path, key):
-    """transformers 5.x saves the GLM tokens as a list under extra_special_tokens (4.x: additional_special_tokens,
-    and extra_special_tokens is a dict there): both spellings load on every version."""
-    folder = make_tokenizer_dir(tmp_path, tiny_tokenizer_dir / "tokenizer.model", "xv")
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg[key] = list(SPECIAL_TOKENS) + ["<extra>"]
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    for fast in (False, True):
-        t = load_tokenizer(folder, fast=fast)
-        assert [t.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == list(range(t.vocab_size - 9, t.vocab_size))
-        assert "<extra>" in t.all_special_tokens and "<|user|>" in t.all_special_tokens
-        assert t.decode(t.get_prefix_tokens(), skip_special_tokens=True) == ""
-
-
-def test_tokenizer_json_recorded_with_the_model_sha256(tiny_tokenizer_dir, tiny_sp_model, tmp_path):
-    fast = load_tokenizer(tiny_tokenizer_dir, fast=True)
-    out = _save(fast, tmp_path, "json")
-    cfg = json.loads((out / "tokenizer_config.json").read_text())
-    digest = hashlib.sha256(tiny_sp_model.read_bytes()).hexdigest()
-    assert digest in cfg["tokenizer_json_source"]
-    saved = json.loads((out / "tokenizer.json").read_text())
-    assert saved["decoder"] and saved["normalizer"] and saved["model"]["byte_fallback"] is True
-    t2 = load_tokenizer(out, fast=True)
-    assert json.loads(t2.backend_tokenizer.to_str())["model"] == saved["model"]
-    texts = mixed_corpus(30, seed=8)
-    assert t2(texts)["input_ids"] == fast(texts)["input_ids"]
-    # while the record matches, the backend is what tokenizer.json says (here: a file edited to have no decoder)
-    saved["decoder"] = None
-    (out / "tokenizer.json").write_text(json.dumps(saved))
-    assert load_tokenizer(out, fast=True).backend_tokenizer.decoder is None
-    # with a stale record, tokenizer.json is ignored and the backend rebuilt from tokenizer.model
-    cfg["tokenizer_json_source"] = cfg["tokenizer_json_source"].replace(digest, "0" * 64)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
-    t3 = load_tokenizer(out, fast=True)
-    assert t3.backend_tokenizer.decoder is not None
-    ids = fast("Hello 😀 world")["input_ids"]
-    assert t3.backend_tokenizer.decode(ids, skip_special_tokens=True) == "Hello 😀 world" == t3.decode(
-        ids, skip_special_tokens=True)
-
-
-def test_slow_tokenizer_on_every_version(tiny_tokenizer_dir):
-    """The supported ways to get the SentencePiece tokenizer (transformers 5.x's AutoTokenizer ignores use_fast)."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    fast = load_tokenizer(tiny_tokenizer_dir, fast=True)
-    for cls in (type(fast).slow_tokenizer_class,
-                get_class_from_dynamic_module("tokenization_chatglm.ChatGLMTokenizer", str(tiny_tokenizer_dir))):
-        slow = cls.from_pretrained(str(tiny_tokenizer_dir))
-        assert type(slow).__name__ == "ChatGLMTokenizer" and not slow.is_fast
-        texts = mixed_corpus(20, seed=9)
-        assert slow(texts, padding=True)["input_ids"] == fast(texts, padding=True)["input_ids"]
-
-
-def test_missing_model_is_downloaded(tiny_sp_model, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    def fake_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename))
-        return str(tiny_sp_model)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    folder = make_tokenizer_dir(tmp_path, None, "nomodel")
-    for fast in (False, True):
-        t = load_tokenizer(folder, fast=fast)
-        assert t("hello")["input_ids"][:2] == [t.get_command("[gMASK]"), t.get_command("sop")]
-    assert calls and all(c == ("THUDM/chatglm3-6b-base", "tokenizer.model") for c in calls)
-
-
-def test_missing_model_offline_error(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    def offline(*args, **kwargs):
-        raise OSError("offline")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = make_tokenizer_dir(tmp_path, None, "offline")
-    with pytest.raises(Exception, match="tokenizer.model") as info:
-        load_tokenizer(folder, fast=False)
-    assert "HF_HUB_OFFLINE" in str(info.value) and "THUDM/chatglm3-6b-base" in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -882,3 +744,42 @@ def test_round_trip_real(real_slow, real_fast, real_sp, s):
     if not any(t in s for t in SPECIAL_TOKENS + ["<unk>", "<s>", "</s>"]):  # (the backend extracts those)
         assert real_fast.backend_tokenizer.encode(s, add_special_tokens=False).ids == ids
     assert real_fast.decode(ids) == s == real_slow.decode(ids)
+
+# ----------------------------------------------------------------------------------------------------------------
+# random Unicode and random ids never crash encode/decode (slow and fast, published vocabulary)
+# ----------------------------------------------------------------------------------------------------------------
+
+SPECIALS = ["[gMASK]", "sop", "eop", "[MASK]", "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>", "</s>",
+            "<unk>", "<s>", "\u2581", "\ufffd", "\x00", "\ufdd0", "\ufdd1", "\r\n", "\t", "  "]
+FUZZ_TEXTS = st.lists(st.one_of(st.text(max_size=40), st.sampled_from(SPECIALS),
+                           st.text(alphabet=st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF), max_size=5),
+                           st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=8)),
+                 max_size=6).map("".join)
+
+
+@FUZZ
+@given(text=FUZZ_TEXTS, pair=st.one_of(st.none(), FUZZ_TEXTS), special=st.booleans())
+def test_tokenizer_encode_decode_never_crashes(real_tok, text, pair, special):
+    enc = real_tok(text, pair) if pair is not None else real_tok(text)
+    ids = enc["input_ids"]
+    assert ids and all(isinstance(i, int) and 0 <= i < len(real_tok) for i in ids)
+    assert len(enc["attention_mask"]) == len(ids)
+    decoded = real_tok.decode(ids, skip_special_tokens=special)
+    assert isinstance(decoded, str)
+    assert isinstance(real_tok.convert_ids_to_tokens(ids), list)
+    batch = real_tok([text, "x"], padding=True)
+    assert len(batch["input_ids"][0]) == len(batch["input_ids"][1])
+
+
+@FUZZ
+@given(ids=st.lists(st.integers(-5, 70000), max_size=20))
+def test_tokenizer_decode_of_arbitrary_ids_is_clear(real_tok, ids):
+    """Decoding any id list gives a str or a clear error for ids outside the vocabulary (never a crash)."""
+    try:
+        text = real_tok.decode(ids)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as err:
+        assert str(err).strip()
+        return
+    assert isinstance(text, str)
+    if all(0 <= i < len(real_tok) for i in ids):
+        assert isinstance(real_tok.decode(ids, skip_special_tokens=True), str)
