@@ -679,7 +679,7 @@ def test_cpu_kernel_decode_keeps_small_inputs_beside_an_outlier_and_propagates_n
     lin, layer = _layer(bits, torch.float32, out=KERNEL_OUT, inp=KERNEL_IN)
     layer.pack()
     deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
-    x = torch.randn(2, KERNEL_IN, dtype=torch.float64) * 1e-3
+    x = torch.randn(2, KERNEL_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 1e-3
     x[:, 5] = 300.0  # 3e5 times the others
     reference = (x @ deq.double().t() + lin.bias.double())
     small = x.clone()
@@ -688,7 +688,13 @@ def test_cpu_kernel_decode_keeps_small_inputs_beside_an_outlier_and_propagates_n
         got = layer(x.float()).double()
         assert _rel_err(got - layer(torch.zeros_like(x).float()).double(), reference - lin.bias.double()) < 1e-5
         part = got - (x[:, 5:6] @ deq.double()[:, 5:6].t()) - lin.bias.double()
-        assert _rel_err(part, small @ deq.double().t()) < 1e-2
+        expected_part = small @ deq.double().t()
+        # fp32 inputs become 24-bit fixed point per 64 columns: in the outlier's group each value may be off by
+        # half a step of 300 / 2^23 (bounded here with 2x slack), plus fp32 rounding of the large output
+        step = 300.0 / 2 ** 22
+        bound = 0.5 * step * deq.double()[:, :64].abs().sum(1) + 16 * 2.0 ** -24 * got.abs() + 1e-7
+        assert ((part - expected_part).abs() <= bound).all()
+        assert bound.max() < 0.1 * expected_part.abs().max()  # so the small values' part really survives
         for bad in (float("nan"), float("inf")):
             y = torch.randn(1, KERNEL_IN)
             y[0, 7] = bad
