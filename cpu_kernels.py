@@ -176,14 +176,13 @@ CPU_SOURCE = r"""
 /* Weight-only int8 / int4 matmul and dequantize for x86-64 CPUs with AVX-512 (F, BW, VNNI), compiled at run time
  * with the host's C compiler (-O3 -march=native, plus -fopenmp when available) by cpu_kernels.py.
  *
- * Weight layout ("blocked", unsigned codes): each weight q is stored as the unsigned code u = q + OFFSET
- * (OFFSET = 128 for int8, 8 for int4). Rows are taken in blocks of 8; inside a block the weight is stored in
- * chunks of 128 columns of one row (128 bytes for int8, 64 for int4), chunk-major: [N / 8][K / 128][8 rows][chunk],
- * so that a block is one sequential stream that the hardware prefetchers follow.
- *   int8: byte j of chunk t of row r is the code of column 128t + j.
+ * Weight layout ("codes"): each weight q is stored as the unsigned code u = q + OFFSET (OFFSET = 128 for int8, 8 for
+ * int4), row-major, each row a sequence of chunks of 128 columns (128 bytes for int8, 64 for int4):
+ *   int8: byte j of chunk t of a row is the code of column 128t + j (the stored weight with its sign bit flipped);
  *   int4: byte j (0..63) of chunk t holds column 128t + j in its low nibble and column 128t + 64 + j in its high one.
+ * The decode kernel reads 4 rows side by side, each one sequential stream (more streams at once measured slower).
  *
- * Decode (few input rows): each input row x is first written as fixed-point integers in groups of 64 columns,
+ * Decode (few input rows): each input row x is first written as fixed-point integers in groups of 128 columns,
  * x[c] ~= s_g * v[c] with |v| < 2^15 (2 pieces: bf16 / fp16 inputs) or < 2^23 (3 pieces: fp32 inputs), and v
  * split into int8 pieces, v = hi * 256 + lo (or hi * 65536 + mid * 256 + lo). The dot products of the unsigned
  * weight codes with each piece are exact int32 VNNI sums (vpdpbusd, 64 multiply-adds per instruction); their
@@ -201,11 +200,11 @@ CPU_SOURCE = r"""
 #error "these kernels need AVX-512 F, BW and VNNI"
 #endif
 
-#define ROWS 8          /* rows per block */
+#define ROWS 8          /* rows per block of output rows (one task of the thread split) */
 #define CHUNK 128       /* columns per chunk */
-#define GROUP 64        /* columns per activation scale */
+#define GROUP CHUNK     /* columns per activation scale (one chunk) */
 /* Software prefetch distances in bytes (0: none, the hardware prefetchers alone), set by the build (-D, see
- * prefetch_distances() in cpu_kernels.py): PREFETCH_INT8 / PREFETCH_INT4 ahead of the blocked stream, PREFETCH_ROW
+ * prefetch_distances() in cpu_kernels.py): PREFETCH_INT8 / PREFETCH_INT4 ahead of each quantized row, PREFETCH_ROW
  * ahead of each bf16 row. */
 #if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW)
 #error "build with -DPREFETCH_INT8=<bytes> -DPREFETCH_INT4=<bytes> -DPREFETCH_ROW=<bytes> (cpu_kernels.compile_flags)"
@@ -248,6 +247,12 @@ static inline void store16(void *dst, int type, int64_t i, __m512 v) {
     }
 }
 
+#ifdef __GFNI__  /* the high nibble of every byte, in one affine byte transform (bits 4..7 -> 0..3) */
+#define HIGH_NIBBLE(b) _mm512_gf2p8affine_epi64_epi8((b), _mm512_set1_epi64((long long)0x1020408000000000ull), 0)
+#else
+#define HIGH_NIBBLE(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), _mm512_set1_epi8(0x0f))
+#endif
+
 static inline __m512i low_byte(__m512i v) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24); }
 static inline void store_bytes(int8_t *dst, __m512i v) { _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v)); }
 
@@ -257,9 +262,9 @@ static double prepare_row(const void *x, int type, int64_t k, int pieces, int8_t
     const int32_t vmax = pieces == 2 ? 32639 : 8323072;  /* so that the top piece stays within [-127, 127] */
     double total = 0;
     for (int64_t g = 0; g < k / GROUP; g++) {
-        __m512 v[4], amax = _mm512_setzero_ps();
+        __m512 v[GROUP / 16], amax = _mm512_setzero_ps();
         __mmask16 nan = 0;
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < GROUP / 16; j++) {
             v[j] = load16(x, type, g * GROUP + 16 * j);
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
             nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
@@ -268,7 +273,7 @@ static double prepare_row(const void *x, int type, int64_t k, int pieces, int8_t
         float s = mx / (float)vmax, inv = mx > 0 ? (float)vmax / mx : 0.0f;
         if (nan || isinf(mx)) s = NAN, inv = 0.0f;  /* non-finite inputs give non-finite outputs */
         __m512i sum = _mm512_setzero_si512();
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < GROUP / 16; j++) {
             __m512i iv = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(inv)),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             iv = _mm512_min_epi32(_mm512_max_epi32(iv, _mm512_set1_epi32(-vmax)), _mm512_set1_epi32(vmax));
@@ -291,16 +296,19 @@ static double prepare_row(const void *x, int type, int64_t k, int pieces, int8_t
     return total;
 }
 
-/* acc += the scaled dot product of 64 unsigned weight codes w with group g of one prepared row */
-static inline __attribute__((always_inline)) __m512 dot_group(__m512 acc, __m512i w, const int8_t *q, const float *gs,
-                                                             int64_t g, int64_t k, int pieces) {
-    const int64_t c = g * GROUP;
-    __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(q + c));
-    t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(q + k + c));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(gs[2 * g]), acc);
+/* acc += the scaled dot product of one chunk's 128 unsigned weight codes (w0: columns 0..63, w1: 64..127) with
+ * group t of one prepared row. Per lane the int32 sums stay below 2^27 (8 products of codes <= 255 and pieces). */
+static inline __attribute__((always_inline)) __m512 dot_group(__m512 acc, __m512i w0, __m512i w1, const int8_t *q,
+                                                             const float *gs, int64_t t, int64_t k, int pieces) {
+    const int8_t *p = q + t * GROUP;
+    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(p));
+    s = _mm512_slli_epi32(_mm512_dpbusd_epi32(s, w1, _mm512_loadu_si512(p + 64)), 8);
+    s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, w0, _mm512_loadu_si512(p + k)), w1, _mm512_loadu_si512(p + k + 64));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(gs[2 * t]), acc);
     if (pieces == 3) {
-        const __m512i t2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(q + 2 * k + c));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t2), _mm512_set1_ps(gs[2 * g + 1]), acc);
+        __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(p + 2 * k));
+        s2 = _mm512_dpbusd_epi32(s2, w1, _mm512_loadu_si512(p + 2 * k + 64));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(gs[2 * t + 1]), acc);
     }
     return acc;
 }
@@ -316,8 +324,8 @@ static inline __attribute__((always_inline)) void block_pass(const uint8_t *bloc
     for (int r = 0; r < R; r++)
         for (int i = 0; i < MC; i++) acc[r][i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < k / CHUNK; t++) {
-        const uint8_t *chunk = block + t * ROWS * cb + r0 * cb;
-        for (int r = 0; r < R; r++, chunk += cb) {
+        const uint8_t *chunk = block + r0 * k * bits / 8 + t * cb;
+        for (int r = 0; r < R; r++, chunk += k * bits / 8) {
             __m512i w0, w1;
             if (bits == 8) {
                 if (PREFETCH_INT8) {
@@ -330,12 +338,10 @@ static inline __attribute__((always_inline)) void block_pass(const uint8_t *bloc
                 if (PREFETCH_INT4) _mm_prefetch((const char *)chunk + PREFETCH_INT4, _MM_HINT_T0);
                 const __m512i b = _mm512_loadu_si512(chunk);
                 w0 = _mm512_and_si512(b, nibble);
-                w1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+                w1 = HIGH_NIBBLE(b);
             }
-            for (int i = 0; i < MC; i++) {
-                acc[r][i] = dot_group(acc[r][i], w0, q + i * qstride, gs + i * gstride, 2 * t, k, pieces);
-                acc[r][i] = dot_group(acc[r][i], w1, q + i * qstride, gs + i * gstride, 2 * t + 1, k, pieces);
-            }
+            for (int i = 0; i < MC; i++)
+                acc[r][i] = dot_group(acc[r][i], w0, w1, q + i * qstride, gs + i * gstride, t, k, pieces);
         }
     }
     for (int r = 0; r < R; r++)
@@ -346,7 +352,7 @@ static inline __attribute__((always_inline)) void block_pass(const uint8_t *bloc
 #define PASS(BITS, PIECES, R, R0, MC) block_pass(block, BITS, PIECES, k, q, gs, R, R0, MC, sums)
 #define BLOCK_CASES(BITS, PIECES)                                                                   \
     switch (mc) {                                                                                   \
-    case 1: PASS(BITS, PIECES, 8, 0, 1); break;                                                     \
+    case 1: PASS(BITS, PIECES, 4, 0, 1); PASS(BITS, PIECES, 4, 4, 1); break;                       \
     case 2: PASS(BITS, PIECES, 8, 0, 2); break;                                                     \
     case 3: PASS(BITS, PIECES, 4, 0, 3); PASS(BITS, PIECES, 4, 4, 3); break;                       \
     default: PASS(BITS, PIECES, 4, 0, 4); PASS(BITS, PIECES, 4, 4, 4); break;                      \
@@ -461,8 +467,8 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
     for (int64_t b = 0; b < n / ROWS; b++) {
         const __m512i offset = _mm512_set1_epi32(bits == 8 ? 128 : 8), nibble = _mm512_set1_epi32(0x0f);
         for (int64_t t = 0; t < k / CHUNK; t++) {
-            const uint8_t *chunk = w + b * block_bytes + t * ROWS * cb;
-            for (int r = 0; r < ROWS; r++, chunk += cb) {
+            const uint8_t *chunk = w + b * block_bytes + t * cb;
+            for (int r = 0; r < ROWS; r++, chunk += k * bits / 8) {
                 const int64_t row = b * ROWS + r, c = t * CHUNK;
                 const __m512 s = _mm512_set1_ps(scale[row]);
                 for (int j = 0; j < cb; j += 16) {
@@ -485,16 +491,16 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
 
 """
 
-BLOCK_ROWS = 8  # rows per block of the blocked layout (ROWS in CPU_SOURCE)
-CHUNK = 128  # columns per chunk of the blocked layout (CHUNK in CPU_SOURCE)
-GROUP = 64  # input columns per fixed-point scale in the decode kernel (GROUP in CPU_SOURCE)
+BLOCK_ROWS = 8  # out_features must be a multiple of it (ROWS in CPU_SOURCE: the threads split the rows in blocks)
+CHUNK = 128  # columns per chunk of the codes layout (CHUNK in CPU_SOURCE)
+GROUP = CHUNK  # input columns per fixed-point scale in the decode kernel (GROUP in CPU_SOURCE)
 GEMV_MAX_ROWS = 16  # inputs with more rows: dequantize in chunks and let torch's GEMM do the work
 DEQUANT_CHUNK_BYTES = 8 << 20  # bytes of weight dequantized at a time for that GEMM
 IO_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # TYPE_* in CPU_SOURCE
 PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces per input value (see CPU_SOURCE)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
-# Software prefetch distances in bytes (int8 blocked stream, int4 blocked stream, each bf16 row; 0 = none) per CPU
+# Software prefetch distances in bytes (each int8 row, each int4 row, each bf16 row; 0 = none) per CPU
 # vendor, measured per family with benchmarks/bench_prefetch.py (alternating runs; results/prefetch_*.txt): on the
 # Intel Xeon (Sapphire Rapids class) 8 KiB / 8 KiB / 4 KiB; on the AMD EPYC (Zen 4) int8 streams faster with the
 # hardware prefetchers alone and bf16 rows with 8 KiB. CHATGLM_CPU_PREFETCH="int8,int4,row" overrides.
@@ -503,31 +509,26 @@ _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
 
 
-def pack_blocked(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    """Stored format [N, K*bits/8] -> the blocked layout of unsigned codes described in CPU_SOURCE (flat int8)."""
+def pack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored format [N, K*bits/8] -> the "codes" layout of CPU_SOURCE (flat int8): unsigned codes, row-major."""
+    if bits == 8:
+        return (stored.view(torch.uint8) ^ 0x80).view(torch.int8).reshape(-1)  # q + 128
+
     def pack_rows(rows_in):
         n = rows_in.shape[0]
-        k = rows_in.shape[1] * 8 // bits
-        chunks, chunk_bytes = k // CHUNK, CHUNK * bits // 8
-        if bits == 8:
-            rows = (rows_in.view(torch.uint8) ^ 0x80).reshape(n, chunks, chunk_bytes)  # q + 128
-        else:
-            codes = (nibble_codes(rows_in) ^ 8).reshape(n, chunks, 2, chunk_bytes)  # q + 8; [.., low/high, j]
-            rows = codes[:, :, 0] | (codes[:, :, 1] << 4)
-        blocks = rows.reshape(n // BLOCK_ROWS, BLOCK_ROWS, chunks, chunk_bytes).transpose(1, 2)
-        return blocks.contiguous().view(torch.int8).reshape(-1)
+        codes = (nibble_codes(rows_in) ^ 8).reshape(n, -1, 2, CHUNK // 2)  # q + 8; [row, chunk, low/high half, j]
+        return (codes[:, :, 0] | (codes[:, :, 1] << 4)).view(torch.int8).reshape(-1)
 
     return _in_row_chunks(pack_rows, stored)
 
 
-def unpack_blocked(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_blocked`: blocked layout -> stored format [N, K*bits/8]."""
-    chunks, chunk_bytes = k // CHUNK, CHUNK * bits // 8
-    rows = packed.view(torch.uint8).reshape(n // BLOCK_ROWS, chunks, BLOCK_ROWS, chunk_bytes).transpose(1, 2)
-    rows = rows.reshape(n, chunks, chunk_bytes)
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: codes layout -> stored format [N, K*bits/8]."""
+    codes = packed.view(torch.uint8).reshape(n, -1)
     if bits == 8:
-        return (rows.reshape(n, k) ^ 0x80).view(torch.int8)
-    return codes_to_stored(torch.stack((rows & 0xF, rows >> 4), dim=2).reshape(n, k) ^ 8)
+        return (codes ^ 0x80).view(torch.int8)
+    chunks = codes.reshape(n, k // CHUNK, CHUNK // 2)
+    return codes_to_stored(torch.stack((chunks & 0xF, chunks >> 4), dim=2).reshape(n, k) ^ 8)
 
 
 def scratch_bytes(rows: int, k: int, pieces: int) -> int:
@@ -630,8 +631,8 @@ def _self_check(lib) -> bool:
         stored = torch.randint(-128, 128, (n, k * bits // 8), generator=gen, dtype=torch.int8)
         scale = torch.rand(n, generator=gen).bfloat16()
         weight = _values(stored, bits).double() * scale.double()[:, None]  # exact
-        packed = pack_blocked(stored, bits)
-        if not torch.equal(unpack_blocked(packed, bits, n, k), stored):
+        packed = pack_codes(stored, bits)
+        if not torch.equal(unpack_codes(packed, bits, n, k), stored):
             return False
         scale32 = scale.float()  # (every tensor whose address the library gets is held by a name)
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
@@ -713,11 +714,11 @@ def _build_and_load():
 
 class Avx512:
     """This package's C kernels: up to GEMV_MAX_ROWS input rows, fused dequantize-and-multiply (decode); more,
-    dequantize in row chunks into a reused buffer, then torch's GEMM (prefill). Weight in the blocked layout,
+    dequantize in row chunks into a reused buffer, then torch's GEMM (prefill). Weight in the codes layout,
     scales as fp32."""
 
     name = "cpu-avx512"
-    layout = "blocked"
+    layout = "codes"
     differentiable = False
 
     def usable(self, bits, out_features, in_features, dtype):
@@ -725,10 +726,10 @@ class Avx512:
                 and load() is not None)
 
     def pack(self, stored, bits):
-        return pack_blocked(stored, bits)
+        return pack_codes(stored, bits)
 
     def unpack(self, packed, bits, out_features, in_features):
-        return unpack_blocked(packed, bits, out_features, in_features)
+        return unpack_codes(packed, bits, out_features, in_features)
 
     def scales(self, scale, in_features, dtype):
         return scale.to(torch.float32).contiguous()  # exact: the model-dtype scales widened

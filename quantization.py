@@ -23,7 +23,7 @@ Compute backends (:func:`quantization_backend` says which runs; :func:`set_quant
 =================== ====== ======= ===================================================================
 name                device layout  what runs
 =================== ====== ======= ===================================================================
-``cpu-avx512``      CPU    blocked this package's C kernels (cpu_kernels.py), compiled once for the host CPU and
+``cpu-avx512``      CPU    codes   this package's C kernels (cpu_kernels.py), compiled once for the host CPU and
                                    cached under ``HF_HOME``; x86-64 with AVX-512 F/BW, a C compiler,
                                    in_features % 128 == 0, out_features % 8 == 0; ``CHATGLM_CPU_KERNELS=0``: off
 ``cpu-int8pack``    CPU    stored  ``torch._weight_int8pack_mm``

@@ -620,31 +620,30 @@ def test_cpu_kernels_are_used_where_the_host_can_build_them():
 
 
 @pytest.mark.parametrize("bits", (8, 4))
-def test_blocked_layout_matches_its_description(bits):
+def test_codes_layout_matches_its_description(bits):
     """The layout as CPU_SOURCE's comment describes it, checked line by line from the int values."""
     n, k = 24, 256
     gen = torch.Generator().manual_seed(bits)
     qmax = 127 if bits == 8 else 7
     q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
     stored = q.clone() if bits == 8 else reference_pack_int4(q)
-    packed = CK.pack_blocked(stored, bits)
+    packed = CK.pack_codes(stored, bits)
     assert packed.numel() == stored.numel() and packed.dtype == torch.int8
-    # [N/8][K/128][8 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
-    chunks = packed.view(torch.uint8).reshape(n // 8, k // 128, 8, 128 * bits // 8).to(torch.int16)
+    # row-major [N][K/128][128 columns of the row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
+    chunks = packed.view(torch.uint8).reshape(n, k // 128, 128 * bits // 8).to(torch.int16)
     codes = q.to(torch.int16) + (128 if bits == 8 else 8)
-    for b in range(n // 8):
+    for r in range(n):
         for t in range(k // 128):
-            for r in range(8):
-                line, row = chunks[b, t, r], codes[8 * b + r, t * 128:(t + 1) * 128]
-                if bits == 8:
-                    assert torch.equal(line, row)
-                else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
-                    assert torch.equal(line & 0xF, row[:64]) and torch.equal(line >> 4, row[64:])
-    assert torch.equal(CK.unpack_blocked(packed, bits, n, k), stored)
+            line, row = chunks[r, t], codes[r, t * 128:(t + 1) * 128]
+            if bits == 8:
+                assert torch.equal(line, row)
+            else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
+                assert torch.equal(line & 0xF, row[:64]) and torch.equal(line >> 4, row[64:])
+    assert torch.equal(CK.unpack_codes(packed, bits, n, k), stored)
     old = CK.PACK_CHUNK_ROWS
     try:
         CK.PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
-        assert torch.equal(CK.pack_blocked(stored, bits), packed)
+        assert torch.equal(CK.pack_codes(stored, bits), packed)
     finally:
         CK.PACK_CHUNK_ROWS = old
 
@@ -665,7 +664,7 @@ def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
             out = layer(x)
         assert layer.backend == "cpu-avx512" and out.dtype == dtype and out.shape == (rows, KERNEL_OUT)
         reference = F.linear(x.float(), deq.float(), lin.bias.float())
-        # exact integer dot products of the inputs in 16-bit (fp32: 24-bit) fixed point per 64 columns, fp32
+        # exact integer dot products of the inputs in 16-bit (fp32: 24-bit) fixed point per 128 columns (CK.GROUP), fp32
         # accumulation: the error is the output rounding (bf16 2^-9, fp16 2^-12 relative)
         tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
         assert _rel_err(out, reference) < tol, (rows, _rel_err(out, reference))
@@ -674,7 +673,7 @@ def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
 @needs_cpu_kernels
 @pytest.mark.parametrize("bits", (8, 4))
 def test_cpu_kernel_decode_keeps_small_inputs_beside_an_outlier_and_propagates_non_finite(bits):
-    """The decode kernel writes each input row as fixed point scaled per 64 columns: an outlier column (as real
+    """The decode kernel writes each input row as fixed point scaled per CK.GROUP (128) columns: an outlier column (as real
     hidden states have) must not wipe out the small values sharing its group, and NaN / inf must not vanish."""
     lin, layer = _layer(bits, torch.float32, out=KERNEL_OUT, inp=KERNEL_IN)
     layer.pack()
@@ -689,10 +688,10 @@ def test_cpu_kernel_decode_keeps_small_inputs_beside_an_outlier_and_propagates_n
         assert _rel_err(got - layer(torch.zeros_like(x).float()).double(), reference - lin.bias.double()) < 1e-5
         part = got - (x[:, 5:6] @ deq.double()[:, 5:6].t()) - lin.bias.double()
         expected_part = small @ deq.double().t()
-        # fp32 inputs become 24-bit fixed point per 64 columns: in the outlier's group each value may be off by
+        # fp32 inputs become 24-bit fixed point per CK.GROUP columns: in the outlier's group each value may be off by
         # half a step of 300 / 2^23 (bounded here with 2x slack), plus fp32 rounding of the large output
         step = 300.0 / 2 ** 22
-        bound = 0.5 * step * deq.double()[:, :64].abs().sum(1) + 16 * 2.0 ** -24 * got.abs() + 1e-7
+        bound = 0.5 * step * deq.double()[:, :CK.GROUP].abs().sum(1) + 16 * 2.0 ** -24 * got.abs() + 1e-7
         assert ((part - expected_part).abs() <= bound).all()
         assert bound.max() < 0.1 * expected_part.abs().max()  # so the small values' part really survives
         for bad in (float("nan"), float("inf")):
