@@ -153,7 +153,7 @@ def register_tensor_parallel_styles():
     class ChatGLMAttentionParallel(TensorParallelLayer):
         """``SelfAttention``: checks the degree, sets the local head split; its children carry the collectives."""
 
-        def install_forward(self, module, mesh):
+        def install_forward(self, module, mesh, **kwargs):  # 5.25+ passes config=, mesh_manager=
             _setup_tensor_parallel_attention(module, mesh.get_local_rank(), mesh.size(), mesh.get_group())
             return module
 
@@ -161,7 +161,7 @@ def register_tensor_parallel_styles():
         """``query_key_value``: loaded whole, then cut to this rank's ``[q_r | k_r | v_r]`` rows (``from_pretrained``
         calls ``shard_fused_qkv`` once the weights are in). Input replicated, output local."""
 
-        def install_forward(self, module, mesh):
+        def install_forward(self, module, mesh, **kwargs):  # 5.25+ passes config=, mesh_manager=
             forward = module.forward
 
             def tp_forward(x, *args, **kwargs):
