@@ -55,8 +55,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-import bench_generate as bg  # noqa: E402
+import bench_generate as bg  # noqa: E402  (this folder is on sys.path when run as a script)
 
 sys.path.insert(0, str(REPO / "tests"))
 from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist  # noqa: E402  (shared with tests/test_clients.py)
@@ -84,13 +83,13 @@ def missing_requirements(args):
 
 def tokenizer_model(arg, work):
     """The SentencePiece model the converter builds the GGUF vocabulary from: --tokenizer-model, else the published
-    one (tests/tokenizer_helpers.real_model_path), else a small one trained here (the vocabulary does not change
+    one (tests/support.real_model_path), else a small one trained here (the vocabulary does not change
     the timing: the converter pads it to the 65024 rows of the weights either way)."""
     if arg:
         if not Path(arg).is_file():
             raise SystemExit(f"--tokenizer-model {arg} is not a file")
         return Path(arg)
-    from tokenizer_helpers import real_model_path, train_tiny_model  # tests/ is on sys.path (see the imports)
+    from support import real_model_path, train_tiny_model  # tests/ is on sys.path (see the imports)
     path = real_model_path()
     if path is None:
         path = Path(work) / "trained-tokenizer.model"

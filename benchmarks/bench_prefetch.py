@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from quant_helpers import load_module  # noqa: E402  (the remote-code files imported as a package)
+from support import load_module  # noqa: E402  (the remote-code files imported as a package)
 
 
 def median_s(fn, calls):

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tokenizer_helpers import load_tokenizer, make_tokenizer_dir, mixed_corpus, real_model_path  # noqa: E402
+from support import load_tokenizer, make_tokenizer_dir, mixed_corpus, real_model_path  # noqa: E402
 
 
 def bench(tok, texts, repeats):

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_to_glm import CODE_FILES, REPO, dtype_kwargs, load_torch_file, save_shard, write_index  # noqa: E402
+from convert_to_glm import CODE_FILES, REPO, dtype_kwargs, load_torch_file, save_shard, write_index
 
 DOC_FILES = ("README.md", "MODEL_LICENSE", "LICENSE", ".gitattributes")
 GITATTRIBUTES = "*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n" \

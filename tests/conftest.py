@@ -1,9 +1,11 @@
-"""Fixtures shared by several test files, and pytest hooks; the helpers they use live in support.py (and
-tokenizer_helpers.py). Each fixture name means one thing across the suite; fixtures used by one file only live in it.
+"""Fixtures shared by several test files, and pytest hooks; the helpers they use live in support.py. Each fixture
+name means one thing across the suite; fixtures used by one file only live in it.
 
 Models:      tiny_dir / tiny_model -- the tiny random ChatGLM3 (support.TINY_CONFIG), folder and loaded model;
              lm_dir / lm_tokenizer -- a tiny model with the published vocabulary size and a tokenizer.model (the
-             published one where found, else a small one trained here), and its tokenizer (AutoTokenizer).
+             published one where found, else a small one trained here), and its tokenizer (AutoTokenizer);
+             kernel_float_dir -- a tiny float model whose block linears fit the CPU kernels' width rules.
+Quantization: automatic_quantization_backend -- the automatic backend choice before and after a test.
 Tokenizers:  tiny_sp_model / tiny_tokenizer_dir -- a small SentencePiece model trained with ChatGLM's settings, and a
              tokenizer folder around it; real_dir / real_slow / real_fast -- the published tokenizer.model
              (../shared/reference or $CHATGLM_TOKENIZER_MODEL; tests using them skip without it)."""
@@ -11,9 +13,8 @@ import os
 
 import pytest
 
-from support import load_model, make_model_dir
-from tokenizer_helpers import load_tokenizer, make_tokenizer_dir, model_dir_with_tokenizer, real_model_path, \
-    train_tiny_model
+from support import (load_model, load_quantization_module, load_tokenizer, make_model_dir, make_tokenizer_dir,
+                     model_dir_with_tokenizer, real_model_path, train_tiny_model)
 
 try:
     from hypothesis import settings
@@ -33,6 +34,21 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def kernel_float_dir(tmp_path_factory):
+    """A tiny model whose every block linear fits the CPU kernels' width rules (in % 128, out % 8)."""
+    return make_model_dir(tmp_path_factory.mktemp("qkernel"), seed=4, hidden_size=128, ffn_hidden_size=256,
+                          kv_channels=32, num_attention_heads=4)
+
+
+@pytest.fixture
+def automatic_quantization_backend():
+    quantization = load_quantization_module()
+    quantization.set_quantization_backend(None)
+    yield
+    quantization.set_quantization_backend(None)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sentencepiece as spm
+import transformers
 
-import sentencepiece as spm  # noqa: E402
-import transformers  # noqa: E402
-
-from tokenizer_helpers import (  # noqa: E402
-    REPO_ROOT,
+from support import (  # tests/ is on sys.path when this runs as a script
+    REPO,
     SPECIAL_TOKENS,
     load_tokenizer,
     make_tokenizer_dir,
@@ -45,7 +43,7 @@ def save(out: Path):
         config = json.loads((target / "tokenizer_config.json").read_text())
         assert config["auto_map"]["AutoTokenizer"] == [
             "tokenization_chatglm.ChatGLMTokenizer", "tokenization_chatglm.ChatGLMTokenizerFast"], config["auto_map"]
-        assert (target / "tokenization_chatglm.py").read_bytes() == (REPO_ROOT / "tokenization_chatglm.py").read_bytes()
+        assert (target / "tokenization_chatglm.py").read_bytes() == (REPO / "tokenization_chatglm.py").read_bytes()
     (out / "saved_with.txt").write_text(transformers.__version__)
     print(f"saved with transformers {transformers.__version__}: {sorted(p.name for p in (out / 'fast').iterdir())}")
 

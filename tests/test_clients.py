@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import load_model
+from support import load_model, real_model_path
 from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist
-from tokenizer_helpers import real_model_path
 
 GMASK, SOP, EOS = 64790, 64792, 2
 

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from support import REPO
-from quant_helpers import load_module, load_quantization_module, reference_pack_int4, reference_unpack_int4
+from support import REPO, load_module, load_quantization_module, reference_pack_int4, reference_unpack_int4
 
 Q = load_quantization_module()
 GK = load_module("cuda_kernels")

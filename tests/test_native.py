@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 
-from support import TINY_CONFIG, has_transformers_glm, load_model, make_model_dir
-from glm_reference import build_glm, left_padded_batch
+from support import TINY_CONFIG, build_glm, has_transformers_glm, left_padded_batch, load_model, make_model_dir
 
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM")
 

@@ -2,7 +2,6 @@
 back), scripts/assemble_hub_folder.py (a hub folder from a published-layout snapshot) and ``generate.py --tiny``.
 Tiny random models only; every test runs on CPU offline."""
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -20,20 +19,8 @@ from support import (CODE_FILES, REPO, SHARED_REFERENCE, TINY_CONFIG, dtype_kwar
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM (< 4.46)")
 
 
-def _load_script(name):
-    """Import scripts/<name>.py as module ``name`` (assemble_hub_folder imports convert_to_glm by that name)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-convert = _load_script("convert_to_glm")
-
-
-assemble = _load_script("assemble_hub_folder")
+import assemble_hub_folder as assemble  # noqa: E402  (scripts/ is on pytest's pythonpath: pytest.ini)
+import convert_to_glm as convert  # noqa: E402
 
 
 def reshard_safetensors(folder, n):

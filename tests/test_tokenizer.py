@@ -17,11 +17,11 @@ import pytest
 import sentencepiece as spm
 from transformers import PreTrainedTokenizerBase
 
-from tokenizer_helpers import (
+from support import (
+    REPO,
     SPECIAL_TOKENS,
     function_call_prompt_path,
     load_tokenizer,
-    make_tokenizer_dir,
     mixed_corpus,
     real_model_path,
     sp_reference_ids,
@@ -110,7 +110,7 @@ def test_classes_and_config(tiny_slow, tiny_fast):
     for t in (tiny_slow, tiny_fast):
         assert t.model_input_names == ["input_ids", "attention_mask", "position_ids"]
         assert t.padding_side == "left"
-    cfg = json.loads((make_tokenizer_dir.__globals__["REPO_ROOT"] / "tokenizer_config.json").read_text())
+    cfg = json.loads((REPO / "tokenizer_config.json").read_text())
     assert cfg["name_or_path"] == "THUDM/chatglm3-6b-base"
     assert cfg["remove_space"] is False and cfg["do_lower_case"] is False
     assert cfg["tokenizer_class"] == "ChatGLMTokenizer"

@@ -9,8 +9,7 @@ import uuid
 
 import pytest
 
-from support import SHARED_REFERENCE
-from tokenizer_helpers import SPECIAL_TOKENS, load_tokenizer, make_tokenizer_dir, mixed_corpus
+from support import SHARED_REFERENCE, SPECIAL_TOKENS, load_tokenizer, make_tokenizer_dir, mixed_corpus
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,15 +159,11 @@ def test_tokenizer_model_not_sentencepiece_is_a_clear_error(tmp_path, monkeypatc
         if not real.exists():
             pytest.skip("no published tokenizer.model")
         data = real.read_bytes()[: real.stat().st_size // 2]
-    try:
-        tok = _with_model_file(tmp_path, data, fast=use_fast)
-    except ValueError as err:
-        assert "tokenizer.model" in str(err) and "SentencePiece" in str(err), err
-        return
-    except Exception as err:  # a bare SentencePiece RuntimeError ("INTERNAL: unk is not defined")
-        pytest.xfail(f"RELIABILITY_FIXES.md F6: {type(err).__name__}: {str(err)[:100]}")
-    # transformers 4.5x swallows a RuntimeError from the tokenizer constructor and returns False (!)
-    pytest.xfail(f"RELIABILITY_FIXES.md F6: AutoTokenizer returned {tok!r} for a broken tokenizer.model")
+    # a ValueError, not a bare SentencePiece RuntimeError ("INTERNAL: unk is not defined"), which transformers 4.5x
+    # would swallow in AutoTokenizer and answer with False
+    with pytest.raises(ValueError) as info:
+        _with_model_file(tmp_path, data, fast=use_fast)
+    assert "tokenizer.model" in str(info.value) and "SentencePiece" in str(info.value), info.value
 
 
 def test_tokenizer_model_missing_offline_is_a_clear_error(tmp_path, monkeypatch):

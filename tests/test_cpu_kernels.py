@@ -1,0 +1,341 @@
+"""cpu_kernels.py, this package's AVX-512 C kernels (compiled at run time for the host CPU into the hub cache):
+the codes layout against its description, accuracy against the dequantized weight, bit-exact dequantization,
+threads, the layout's life cycle, the model through them, and the ways a build can fail and fall back."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from support import (CHILD_IMPORT, REPO, block_linears, dequantized_float_model, load_module, load_quantization_module,
+                     quant_layer, quantization_module_of, quiet_load, random_ids, reference_pack_int4, rel_err)
+
+Q = load_quantization_module()
+CK = load_module("cpu_kernels")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_BACKEND_FOR_BITS = {8: "cpu-int8pack", 4: "cpu-int4pack"}
+pytestmark = pytest.mark.usefixtures("automatic_quantization_backend")
+
+
+def _host_can_build_cpu_kernels():
+    import platform
+
+    flags = CK.cpu_signature()
+    return (platform.machine().lower() in ("x86_64", "amd64") and all(f in flags.split() for f in CK.REQUIRED_FLAGS)
+            and bool(CK.find_compiler()) and os.environ.get("CHATGLM_CPU_KERNELS", "1") != "0")
+
+
+needs_cpu_kernels = pytest.mark.skipif(not _host_can_build_cpu_kernels(),
+                                       reason="needs x86-64 with AVX-512 F/BW/VNNI and a C compiler")
+KERNEL_OUT, KERNEL_IN = 80, 384  # 10 row blocks of 3 chunks (and shapes torch's int4 kernel takes too)
+
+
+def test_cpu_kernels_are_used_where_the_host_can_build_them():
+    """On a machine like CI's (AVX-512 and gcc), the kernels must build, pass their self-check and be the automatic
+    CPU choice: a silent fallback would hide a broken kernel behind torch's slower one."""
+    if not _host_can_build_cpu_kernels():
+        pytest.skip("this host cannot build the AVX-512 kernels")
+    assert CK.load() is not None
+    if not torch.cuda.is_available():
+        assert Q.quantization_backend() == "cpu-avx512"
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_codes_layout_matches_its_description(bits):
+    """The layout as CPU_SOURCE's comment describes it, checked line by line from the int values."""
+    n, k = 24, 256
+    gen = torch.Generator().manual_seed(bits)
+    qmax = 127 if bits == 8 else 7
+    q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+    stored = q.clone() if bits == 8 else reference_pack_int4(q)
+    packed = CK.pack_codes(stored, bits)
+    assert packed.numel() == stored.numel() and packed.dtype == torch.int8
+    # row-major [N][K/128][128 columns of the row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
+    chunks = packed.view(torch.uint8).reshape(n, k // 128, 128 * bits // 8).to(torch.int16)
+    codes = q.to(torch.int16) + (128 if bits == 8 else 8)
+    for r in range(n):
+        for t in range(k // 128):
+            line, row = chunks[r, t], codes[r, t * 128:(t + 1) * 128]
+            if bits == 8:
+                assert torch.equal(line, row)
+            else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
+                assert torch.equal(line & 0xF, row[:64]) and torch.equal(line >> 4, row[64:])
+    assert torch.equal(CK.unpack_codes(packed, bits, n, k), stored)
+    old = CK.PACK_CHUNK_ROWS
+    try:
+        CK.PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
+        assert torch.equal(CK.pack_codes(stored, bits), packed)
+    finally:
+        CK.PACK_CHUNK_ROWS = old
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_layer_matches_dequantized_linear(dtype, bits):
+    lin, layer = quant_layer(bits, dtype, out=KERNEL_OUT, inp=KERNEL_IN)
+    assert layer.pack().backend_for() == "cpu-avx512"
+    deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
+    gen = torch.Generator().manual_seed(7)
+    # 1 row (decode), 2-4 rows (one weight load for several rows), remainders, the 16-row limit, then the
+    # dequantize + GEMM path
+    for rows in (1, 2, 3, 4, 5, 7, 16, 17, 64):
+        x = torch.randn(rows, KERNEL_IN, generator=gen).to(dtype)
+        with torch.no_grad():
+            out = layer(x)
+        assert layer.backend == "cpu-avx512" and out.dtype == dtype and out.shape == (rows, KERNEL_OUT)
+        reference = F.linear(x.float(), deq.float(), lin.bias.float())
+        # exact integer dot products of the inputs in 16-bit (fp32: 24-bit) fixed point per 128 columns (CK.GROUP), fp32
+        # accumulation: the error is the output rounding (bf16 2^-9, fp16 2^-12 relative)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        assert rel_err(out, reference) < tol, (rows, rel_err(out, reference))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_decode_keeps_small_inputs_beside_an_outlier_and_propagates_non_finite(bits):
+    """The decode kernel writes each input row as fixed point scaled per CK.GROUP (128) columns: an outlier column (as real
+    hidden states have) must not wipe out the small values sharing its group, and NaN / inf must not vanish."""
+    lin, layer = quant_layer(bits, torch.float32, out=KERNEL_OUT, inp=KERNEL_IN)
+    layer.pack()
+    deq = Q.dequantize_weight(layer.stored_weight(), layer.weight_scale, bits)
+    x = torch.randn(2, KERNEL_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 1e-3
+    x[:, 5] = 300.0  # 3e5 times the others
+    reference = (x @ deq.double().t() + lin.bias.double())
+    small = x.clone()
+    small[:, 5] = 0  # what the small values alone contribute must survive: compare their part exactly
+    with torch.no_grad():
+        got = layer(x.float()).double()
+        assert rel_err(got - layer(torch.zeros_like(x).float()).double(), reference - lin.bias.double()) < 1e-5
+        part = got - (x[:, 5:6] @ deq.double()[:, 5:6].t()) - lin.bias.double()
+        expected_part = small @ deq.double().t()
+        # fp32 inputs become 24-bit fixed point per CK.GROUP columns: in the outlier's group each value may be off by
+        # half a step of 300 / 2^23 (bounded here with 2x slack), plus fp32 rounding of the large output
+        step = 300.0 / 2 ** 22
+        bound = 0.5 * step * deq.double()[:, :CK.GROUP].abs().sum(1) + 16 * 2.0 ** -24 * got.abs() + 1e-7
+        assert ((part - expected_part).abs() <= bound).all()
+        assert bound.max() < 0.1 * expected_part.abs().max()  # so the small values' part really survives
+        for bad in (float("nan"), float("inf")):
+            y = torch.randn(1, KERNEL_IN)
+            y[0, 7] = bad
+            assert not torch.isfinite(layer(y)).any()
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_dequantize_is_bit_exact(dtype, bits):
+    _, layer = quant_layer(bits, dtype, out=KERNEL_OUT, inp=KERNEL_IN)
+    stored = layer.weight.detach().clone()
+    expected = Q.dequantize_weight(stored, layer.weight_scale, bits)
+    x = torch.randn(40, KERNEL_IN).to(dtype)  # > 16 rows: dequantize + F.linear
+    with torch.no_grad():
+        out = layer.pack()(x)
+        assert layer.backend == "cpu-avx512" and layer.is_packed
+        dense = torch.empty(KERNEL_OUT, KERNEL_IN, dtype=dtype)
+        scale = layer.scale_table
+        assert scale.dtype == torch.float32
+        CK.load().chatglm_cpu_dequantize(layer.weight.data_ptr(), bits, scale.data_ptr(), dense.data_ptr(),
+                                         CK.IO_TYPE[dtype], KERNEL_OUT, KERNEL_IN, 1)
+        assert torch.equal(dense, expected)
+        assert torch.equal(out, F.linear(x, expected) + layer.bias)
+
+
+@needs_cpu_kernels
+def test_packing_and_running_from_several_threads():
+    import threading
+
+    layers = [quant_layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN, seed=s)[1] for s, bits in ((0, 8), (1, 4))]
+    x = torch.randn(1, KERNEL_IN, dtype=torch.bfloat16)
+    expected = [F.linear(x.float(), Q.dequantize_weight(l.weight, l.weight_scale, l.weight_bit_width).float(),
+                         l.bias.float()) for l in layers]
+    results, errors = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                results.append([l.pack()(x) for l in layers])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 6
+    for got in results:
+        for out, want in zip(got, expected):
+            assert rel_err(out, want) < 8e-3
+    assert all(torch.equal(a, b) for got in results for a, b in zip(got, results[0]))
+
+
+@needs_cpu_kernels
+def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
+    _, layer = quant_layer(4, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN)
+    layer.pack()
+    x = torch.randn(3, KERNEL_IN, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = [layer(x[:1]), layer(x)]
+            torch.set_num_threads(2)
+            two = [layer(x[:1]), layer(x)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_layout_life_cycle(bits):
+    lin, layer = quant_layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN)
+    stored = layer.weight.detach().clone()
+    x = torch.randn(2, KERNEL_IN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer.pack()(x)
+    packed = layer.weight
+    assert layer.backend == "cpu-avx512" and packed.original.numel() == 0  # one resident copy
+    assert tuple(packed.shape) == tuple(stored.shape) and packed.dtype == stored.dtype  # same size
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    assert layer.weight is packed  # not repacked per call
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias"} and torch.equal(sd["weight"], stored)
+    assert not layer.is_packed and torch.equal(layer.weight, stored)  # state_dict() unpacks first
+    assert layer.pack().backend == "cpu-avx512"
+    # switching to torch's kernel and back changes the resident layout, never the stored weight
+    Q.set_quantization_backend(CPU_BACKEND_FOR_BITS[bits])
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)  # a packed layer keeps its kernel until the next pack()
+        torch.testing.assert_close(layer.pack()(x), first, rtol=1e-2, atol=1e-2)
+    assert layer.backend == CPU_BACKEND_FOR_BITS[bits]
+    assert torch.equal(layer.state_dict()["weight"], stored)
+    Q.set_quantization_backend(None)
+    with torch.no_grad():
+        assert torch.equal(layer.pack()(x), first)
+    # gradients reach the input through the dequantized weight
+    xg = x.float().requires_grad_()
+    layer32 = copy.deepcopy(layer).float().pack()
+    layer32(xg).sum().backward()
+    deq = Q.dequantize_weight(stored, layer32.weight_scale, bits)
+    torch.testing.assert_close(xg.grad, deq.sum(0).expand(2, -1))
+    # a dtype move converts the float buffers (the fp32 scale table too): results must not change
+    moved = copy.deepcopy(layer).to(torch.bfloat16).pack()
+    with torch.no_grad():
+        assert torch.equal(moved(x), first)
+    assert moved.scale_table.dtype == torch.float32
+    # device moves go back to the stored format; loading a new weight drops the packed copy
+    meta = copy.deepcopy(layer).to("meta")
+    assert not meta.is_packed and tuple(meta.weight.shape) == tuple(stored.shape)
+    _, other = quant_layer(bits, torch.bfloat16, out=KERNEL_OUT, inp=KERNEL_IN, seed=1)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(layer(x), other(x))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", (8, 4))
+def test_cpu_kernel_model_matches_dequantized_float_model(kernel_float_dir, bits):
+    model = quiet_load(kernel_float_dir).quantize(bits)
+    qmod = quantization_module_of(model)
+    assert qmod.quantization_backend(model.pack_weights()) == "cpu-avx512"
+    ref = dequantized_float_model(kernel_float_dir, model)
+    ids = random_ids(seq=12)
+    with torch.no_grad():
+        # prefill (24 rows: dequantize + GEMM), then cached one-token steps for the 2-row batch (GEMV kernels)
+        got = model(ids, use_cache=True)
+        want = ref(ids, use_cache=True)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+        step = ids[:, -1:] + 1
+        got2 = model(step, past_key_values=got.past_key_values, use_cache=True).logits
+        want2 = ref(step, past_key_values=want.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)
+        a = model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        b = ref.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+    assert {m.backend for m in block_linears(model).values()} == {"cpu-avx512"}
+
+
+_FALLBACK_CHILD = CHILD_IMPORT + (
+    "import torch; layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8).pack(); x = torch.randn(2, 256); "
+    "ok = torch.allclose(layer(x), x @ m.dequantize_weight(layer.stored_weight(), layer.weight_scale, 8).t() "
+    "+ layer.bias, atol=1e-4); print(layer.backend, ok)")
+
+
+@pytest.mark.parametrize("env", ({}, {"CHATGLM_CPU_KERNELS": "0"}, {"CC": "/bin/false"}, {"CC": "/nonexistent/cc"}),
+                         ids=("builds", "disabled", "compiler-fails", "compiler-missing"))
+def test_cpu_kernels_build_or_fall_back_to_torch_kernels(tmp_path, env):
+    """In a fresh process with an empty HF_HOME (so the compiler really runs), HOME and TMPDIR: the kernels build
+    into HF_HOME only, or the layer falls back to torch's kernel with at most one warning, and computes right."""
+    builds = not env and _host_can_build_cpu_kernels()
+    if not env and not builds:
+        pytest.skip("this host cannot build the AVX-512 kernels")
+    dirs = {name: tmp_path / name for name in ("hf", "home", "tmp")}
+    for d in dirs.values():
+        d.mkdir()
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
+    child_env.update(env, HF_HOME=str(dirs["hf"]), HOME=str(dirs["home"]), TMPDIR=str(dirs["tmp"]))
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO)], env=child_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cpu-avx512" if builds else "cpu-int8pack", "True"]
+    if _host_can_build_cpu_kernels() and "CC" in env:
+        assert proc.stderr.count("AVX-512 CPU quantization kernels") == 1  # one clear warning
+    libraries = list(dirs["hf"].rglob("*.so"))
+    assert len(libraries) == (1 if builds else 0)
+    if builds:
+        assert libraries[0].parent == dirs["hf"] / "modules" / "chatglm3_cpu_kernels"
+        assert libraries[0].with_suffix(".c").read_text() == CK.CPU_SOURCE  # the source it was built from, readable
+    assert not list(dirs["home"].rglob("*")) and not list(dirs["tmp"].rglob("*"))
+
+
+
+
+_DAMAGED_CHILD = CHILD_IMPORT + (
+    "import os, torch; k = importlib.import_module('rc.cpu_kernels'); "
+    "path = k.library_path(k.find_compiler(), k.cpu_signature()); os.makedirs(os.path.dirname(path)); "
+    "open(path, 'wb').write(b'not a library'); "
+    "layer = m.QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 8).pack(); layer(torch.randn(1, 256)); "
+    "print(layer.backend, os.path.exists(path))")
+
+
+@needs_cpu_kernels
+def test_a_damaged_cached_library_falls_back_and_is_rebuilt_next_time(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CHATGLM_"))}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    first = subprocess.run([sys.executable, "-c", _DAMAGED_CHILD, str(REPO)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["cpu-int8pack", "False"]  # fell back, and removed the damaged file
+    assert first.stderr.count("could not be loaded or failed their self-check") == 1
+    second = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(REPO)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["cpu-avx512", "True"]
+
+
+_OPENMP_CHILD = CHILD_IMPORT + (
+    "import torch\n"
+    "def runtimes():\n"
+    "    return {l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libiomp' in l}\n"
+    "before = runtimes()\n"
+    "assert importlib.import_module('rc.cpu_kernels').load() is not None\n"
+    "print(sorted(runtimes() - before), len(before))")
+
+
+@needs_cpu_kernels
+def test_cpu_kernels_share_torchs_openmp_runtime():
+    """Loading the kernels must not bring a second OpenMP runtime (two thread pools fighting over the cores)."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc")
+    proc = subprocess.run([sys.executable, "-c", _OPENMP_CHILD, str(REPO)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    added, before = proc.stdout.rsplit(" ", 1)
+    assert added == "[]" and int(before) >= 1  # torch's libgomp was there, and the kernels reuse it
