@@ -177,10 +177,12 @@ CPU_SOURCE = r"""
  * with the host's C compiler (-O3 -march=native, plus -fopenmp when available) by cpu_kernels.py.
  *
  * Weight layout ("codes"): each weight q is stored as the unsigned code u = q + OFFSET (OFFSET = 128 for int8, 8 for
- * int4), row-major, each row a sequence of chunks of 128 columns (128 bytes for int8, 64 for int4):
+ * int4), in chunks of 128 columns of one row (128 bytes for int8, 64 for int4), with the rows taken in groups of 4
+ * whose chunks are interleaved: [N / 4][K / 128][4 rows][chunk].
  *   int8: byte j of chunk t of a row is the code of column 128t + j (the stored weight with its sign bit flipped);
- *   int4: byte j (0..63) of chunk t holds column 128t + j in its low nibble and column 128t + 64 + j in its high one.
- * The decode kernel reads 4 rows side by side, each one sequential stream (more streams at once measured slower).
+ *   int4: byte j (0..63) of chunk t holds column 128t + 64 + j in its high nibble and column 128t + j in its low one.
+ * The decode kernel reads the 4 rows of a group together, so each pass over a group is one sequential stream (on the
+ * AMD EPYC, Zen 4, that streams 1.2-1.5x faster than 4 row-major rows side by side; see benchmarks/README.md).
  *
  * Decode (few input rows): each input row x is first written as fixed-point integers in groups of 128 columns,
  * x[c] ~= s_g * v[c] with |v| < 2^15 (2 pieces: bf16 / fp16 inputs) or < 2^23 (3 pieces: fp32 inputs), and v
@@ -201,6 +203,7 @@ CPU_SOURCE = r"""
 #endif
 
 #define ROWS 8          /* rows per block of output rows (one task of the thread split) */
+#define GROUP_ROWS 4    /* rows interleaved chunk by chunk in the layout (one pass of the decode kernel) */
 #define CHUNK 128       /* columns per chunk */
 #define GROUP CHUNK     /* columns per activation scale (one chunk) */
 /* Software prefetch distances in bytes (0: none, the hardware prefetchers alone), set by the build (-D, see
@@ -324,8 +327,10 @@ static inline __attribute__((always_inline)) void block_pass(const uint8_t *bloc
     for (int r = 0; r < R; r++)
         for (int i = 0; i < MC; i++) acc[r][i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < k / CHUNK; t++) {
-        const uint8_t *chunk = block + r0 * k * bits / 8 + t * cb;
-        for (int r = 0; r < R; r++, chunk += k * bits / 8) {
+        for (int r = 0; r < R; r++) {
+            const int row = r0 + r;  /* group row / GROUP_ROWS, chunk t, row % GROUP_ROWS */
+            const uint8_t *chunk = block + (int64_t)(row / GROUP_ROWS) * GROUP_ROWS * k * bits / 8
+                                   + (t * GROUP_ROWS + row % GROUP_ROWS) * cb;
             __m512i w0, w1;
             if (bits == 8) {
                 if (PREFETCH_INT8) {
@@ -467,8 +472,9 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
     for (int64_t b = 0; b < n / ROWS; b++) {
         const __m512i offset = _mm512_set1_epi32(bits == 8 ? 128 : 8), nibble = _mm512_set1_epi32(0x0f);
         for (int64_t t = 0; t < k / CHUNK; t++) {
-            const uint8_t *chunk = w + b * block_bytes + t * cb;
-            for (int r = 0; r < ROWS; r++, chunk += k * bits / 8) {
+            for (int r = 0; r < ROWS; r++) {
+                const uint8_t *chunk = w + b * block_bytes + (int64_t)(r / GROUP_ROWS) * GROUP_ROWS * k * bits / 8
+                                       + (t * GROUP_ROWS + r % GROUP_ROWS) * cb;
                 const int64_t row = b * ROWS + r, c = t * CHUNK;
                 const __m512 s = _mm512_set1_ps(scale[row]);
                 for (int j = 0; j < cb; j += 16) {
@@ -493,6 +499,7 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
 
 BLOCK_ROWS = 8  # out_features must be a multiple of it (ROWS in CPU_SOURCE: the threads split the rows in blocks)
 CHUNK = 128  # columns per chunk of the codes layout (CHUNK in CPU_SOURCE)
+GROUP_ROWS = 4  # rows interleaved chunk by chunk in the codes layout (GROUP_ROWS in CPU_SOURCE)
 GROUP = CHUNK  # input columns per fixed-point scale in the decode kernel (GROUP in CPU_SOURCE)
 GEMV_MAX_ROWS = 16  # inputs with more rows: dequantize in chunks and let torch's GEMM do the work
 DEQUANT_CHUNK_BYTES = 8 << 20  # bytes of weight dequantized at a time for that GEMM
@@ -502,33 +509,40 @@ REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Software prefetch distances in bytes (each int8 row, each int4 row, each bf16 row; 0 = none) per CPU
 # vendor, measured per family with benchmarks/bench_prefetch.py (alternating runs; results/prefetch_*.txt): on the
-# Intel Xeon (Sapphire Rapids class) 8 KiB / 8 KiB / 4 KiB; on the AMD EPYC (Zen 4) int8 streams faster with the
-# hardware prefetchers alone and bf16 rows with 8 KiB. CHATGLM_CPU_PREFETCH="int8,int4,row" overrides.
-PREFETCH_BY_VENDOR = {"GenuineIntel": (8192, 8192, 4096), "AuthenticAMD": (0, 8192, 8192)}
+# Intel Xeon (Sapphire Rapids class) 8 KiB / 8 KiB / 4 KiB; on the AMD EPYC (Zen 4) 2 KiB ahead in the quantized
+# stream (kernels' own A/B, benchmarks/README.md) and 8 KiB for bf16 rows. CHATGLM_CPU_PREFETCH="int8,int4,row"
+# overrides.
+PREFETCH_BY_VENDOR = {"GenuineIntel": (8192, 8192, 4096), "AuthenticAMD": (2048, 2048, 8192)}
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
 
 
 def pack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    """Stored format [N, K*bits/8] -> the "codes" layout of CPU_SOURCE (flat int8): unsigned codes, row-major."""
-    if bits == 8:
-        return (stored.view(torch.uint8) ^ 0x80).view(torch.int8).reshape(-1)  # q + 128
+    """Stored format [N, K*bits/8] -> the "codes" layout of CPU_SOURCE (flat int8): unsigned codes in chunks of
+    CHUNK columns, GROUP_ROWS rows interleaved chunk by chunk."""
 
     def pack_rows(rows_in):
         n = rows_in.shape[0]
-        codes = (nibble_codes(rows_in) ^ 8).reshape(n, -1, 2, CHUNK // 2)  # q + 8; [row, chunk, low/high half, j]
-        return (codes[:, :, 0] | (codes[:, :, 1] << 4)).view(torch.int8).reshape(-1)
+        if bits == 8:
+            codes = rows_in.view(torch.uint8) ^ 0x80  # q + 128
+        else:
+            nib = (nibble_codes(rows_in) ^ 8).reshape(n, -1, 2, CHUNK // 2)  # q + 8; [row, chunk, low/high half, j]
+            codes = nib[:, :, 0] | (nib[:, :, 1] << 4)
+        cb = CHUNK * bits // 8
+        grouped = codes.reshape(n // GROUP_ROWS, GROUP_ROWS, -1, cb).transpose(1, 2)
+        return grouped.contiguous().view(torch.int8).reshape(-1)
 
     return _in_row_chunks(pack_rows, stored)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: codes layout -> stored format [N, K*bits/8]."""
-    codes = packed.view(torch.uint8).reshape(n, -1)
+    cb = CHUNK * bits // 8
+    codes = packed.view(torch.uint8).reshape(n // GROUP_ROWS, k // CHUNK, GROUP_ROWS, cb).transpose(1, 2)
+    codes = codes.reshape(n, k // CHUNK, cb)
     if bits == 8:
-        return (codes ^ 0x80).view(torch.int8)
-    chunks = codes.reshape(n, k // CHUNK, CHUNK // 2)
-    return codes_to_stored(torch.stack((chunks & 0xF, chunks >> 4), dim=2).reshape(n, k) ^ 8)
+        return (codes.reshape(n, k) ^ 0x80).view(torch.int8)
+    return codes_to_stored(torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(n, k) ^ 8)
 
 
 def scratch_bytes(rows: int, k: int, pieces: int) -> int:

@@ -54,12 +54,12 @@ def test_codes_layout_matches_its_description(bits):
     stored = q.clone() if bits == 8 else reference_pack_int4(q)
     packed = CK.pack_codes(stored, bits)
     assert packed.numel() == stored.numel() and packed.dtype == torch.int8
-    # row-major [N][K/128][128 columns of the row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
-    chunks = packed.view(torch.uint8).reshape(n, k // 128, 128 * bits // 8).to(torch.int16)
+    # [N/4][K/128][4 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
+    chunks = packed.view(torch.uint8).reshape(n // 4, k // 128, 4, 128 * bits // 8).to(torch.int16)
     codes = q.to(torch.int16) + (128 if bits == 8 else 8)
     for r in range(n):
         for t in range(k // 128):
-            line, row = chunks[r, t], codes[r, t * 128:(t + 1) * 128]
+            line, row = chunks[r // 4, t, r % 4], codes[r, t * 128:(t + 1) * 128]
             if bits == 8:
                 assert torch.equal(line, row)
             else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
