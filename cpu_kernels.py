@@ -256,6 +256,13 @@ static inline void store16(void *dst, int type, int64_t i, __m512 v) {
 #define HIGH_NIBBLE(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), _mm512_set1_epi8(0x0f))
 #endif
 
+/* Chunk t of row `row` of a block in the codes layout: [row / GROUP_ROWS][t][row % GROUP_ROWS][chunk] (see the top) */
+static inline __attribute__((always_inline)) const uint8_t *chunk_at(const uint8_t *block, int64_t row, int64_t t,
+                                                                    int64_t k, int bits) {
+    return block + (row / GROUP_ROWS) * GROUP_ROWS * k * bits / 8
+           + (t * GROUP_ROWS + row % GROUP_ROWS) * CHUNK * bits / 8;
+}
+
 static inline __m512i low_byte(__m512i v) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24); }
 static inline void store_bytes(int8_t *dst, __m512i v) { _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v)); }
 
@@ -320,7 +327,6 @@ static inline __attribute__((always_inline)) __m512 dot_group(__m512 acc, __m512
 static inline __attribute__((always_inline)) void block_pass(const uint8_t *block, int bits, int pieces, int64_t k,
                                                             const int8_t *q, const float *gs, int R, int r0, int MC,
                                                             float *sums) {
-    const int cb = CHUNK * bits / 8;
     const int64_t qstride = pieces * k, gstride = 2 * (k / GROUP);
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512 acc[8][4];  /* R * MC <= 16 are used */
@@ -328,9 +334,7 @@ static inline __attribute__((always_inline)) void block_pass(const uint8_t *bloc
         for (int i = 0; i < MC; i++) acc[r][i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < k / CHUNK; t++) {
         for (int r = 0; r < R; r++) {
-            const int row = r0 + r;  /* group row / GROUP_ROWS, chunk t, row % GROUP_ROWS */
-            const uint8_t *chunk = block + (int64_t)(row / GROUP_ROWS) * GROUP_ROWS * k * bits / 8
-                                   + (t * GROUP_ROWS + row % GROUP_ROWS) * cb;
+            const uint8_t *chunk = chunk_at(block, r0 + r, t, k, bits);
             __m512i w0, w1;
             if (bits == 8) {
                 if (PREFETCH_INT8) {
@@ -473,8 +477,7 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
         const __m512i offset = _mm512_set1_epi32(bits == 8 ? 128 : 8), nibble = _mm512_set1_epi32(0x0f);
         for (int64_t t = 0; t < k / CHUNK; t++) {
             for (int r = 0; r < ROWS; r++) {
-                const uint8_t *chunk = w + b * block_bytes + (int64_t)(r / GROUP_ROWS) * GROUP_ROWS * k * bits / 8
-                                       + (t * GROUP_ROWS + r % GROUP_ROWS) * cb;
+                const uint8_t *chunk = chunk_at(w + b * block_bytes, r, t, k, bits);
                 const int64_t row = b * ROWS + r, c = t * CHUNK;
                 const __m512 s = _mm512_set1_ps(scale[row]);
                 for (int j = 0; j < cb; j += 16) {
@@ -507,7 +510,7 @@ IO_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # TYPE_* in C
 PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces per input value (see CPU_SOURCE)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
-# Software prefetch distances in bytes (each int8 row, each int4 row, each bf16 row; 0 = none) per CPU
+# Software prefetch distances in bytes (ahead in the int8 stream, the int4 stream, each bf16 row; 0 = none) per CPU
 # vendor, measured per family with benchmarks/bench_prefetch.py (alternating runs; results/prefetch_*.txt): on the
 # Intel Xeon (Sapphire Rapids class) 8 KiB / 8 KiB / 4 KiB; on the AMD EPYC (Zen 4) 2 KiB ahead in the quantized
 # stream (kernels' own A/B, benchmarks/README.md) and 8 KiB for bf16 rows. CHATGLM_CPU_PREFETCH="int8,int4,row"
