@@ -20,30 +20,13 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from .quantization import pack_int4, unpack_int4
+
 logger = logging.get_logger(__name__)
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PACK_CHUNK_ROWS = 1024  # rows re-laid-out at a time (bounds the temporaries); a multiple of every block size
 _lock = threading.Lock()
-
-
-def nibble_codes(stored: torch.Tensor) -> torch.Tensor:
-    """Stored int4 [n, k/2] -> the 4-bit two's complement code of every element, uint8 [n, k] (column order)."""
-    b = stored.view(torch.uint8)
-    return torch.stack((b >> 4, b & 0xF), dim=-1).reshape(b.shape[0], -1)
-
-
-def codes_to_stored(codes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`nibble_codes`."""
-    codes = codes.to(torch.uint8)
-    return (codes[:, 0::2] << 4 | codes[:, 1::2]).view(torch.int8)
-
-
-def _values(stored, bits):
-    """The int values a stored weight holds, int8 [n, k]."""
-    if bits == 8:
-        return stored
-    return ((nibble_codes(stored).to(torch.int16) ^ 8) - 8).to(torch.int8)
 
 
 def _in_row_chunks(fn, stored):
@@ -149,12 +132,12 @@ class Int4Pack:
 
     def pack(self, stored, bits):
         # stored code c of value q in [-8, 7]: torch wants q + 8 = c ^ 8
-        return _in_row_chunks(lambda rows: self._torch_pack(nibble_codes(rows) ^ 8), stored)
+        return _in_row_chunks(lambda rows: self._torch_pack(unpack_int4(rows) + 8), stored)
 
     def unpack(self, packed, bits, out_features, in_features):
         block_n, mode = self._calibrate()
         codes = self._layout_unpack(packed.view(torch.uint8), out_features, in_features, block_n, mode)
-        return codes_to_stored(codes ^ 8)
+        return pack_int4(codes.to(torch.int8) - 8)
 
     def scales(self, scale, in_features, dtype):
         """[K/group, N, 2] (scale, zero = 0) in the activation dtype."""
@@ -206,11 +189,11 @@ CPU_SOURCE = r"""
 #define GROUP_ROWS 4    /* rows interleaved chunk by chunk in the layout (one pass of the decode kernel) */
 #define CHUNK 128       /* columns per chunk */
 #define GROUP CHUNK     /* columns per activation scale (one chunk) */
-/* Software prefetch distances in bytes (0: none, the hardware prefetchers alone), set by the build (-D, see
- * prefetch_distances() in cpu_kernels.py): PREFETCH_INT8 / PREFETCH_INT4 ahead of each quantized row, PREFETCH_ROW
- * ahead of each bf16 row. */
-#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW)
-#error "build with -DPREFETCH_INT8=<bytes> -DPREFETCH_INT4=<bytes> -DPREFETCH_ROW=<bytes> (cpu_kernels.compile_flags)"
+/* Set by the build per CPU (-D, see cpu_tuning() in cpu_kernels.py): software prefetch distances in bytes (0: none,
+ * the hardware prefetchers alone), PREFETCH_INT8 / PREFETCH_INT4 ahead in the quantized stream, PREFETCH_ROW ahead
+ * of each bf16 row; BF16_ROWS, the bf16 weight rows read side by side in one pass. */
+#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW) || !defined(BF16_ROWS)
+#error "build with -DPREFETCH_INT8=.. -DPREFETCH_INT4=.. -DPREFETCH_ROW=.. -DBF16_ROWS=.. (cpu_kernels.compile_flags)"
 #endif
 
 enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_F16 = 2 };
@@ -418,24 +401,32 @@ static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x
 #endif
 }
 
-/* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows: each weight vector is loaded once. The R
- * rows are read side by side, each one a sequential stream. */
+/* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once; two
+ * accumulator chains per (row, input) (columns c and c + 32). */
 static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, int MC, const uint16_t *w, int R,
                                                             int64_t k, const uint16_t *bias, uint16_t *out,
                                                             int64_t n) {
-    __m512 acc[4][4];
+    __m512 acc[BF16_ROWS][4][2];
     for (int r = 0; r < R; r++)
-        for (int i = 0; i < MC; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 32) {
-        const __mmask32 mask = k - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (k - c)) - 1);
+        for (int i = 0; i < MC; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 64) {
+        const int64_t left = k - c;  /* masks for the row end (a zero mask loads nothing) */
+        const __mmask32 m0 = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
+        const __mmask32 m1 = left >= 64 ? 0xffffffffu : left <= 32 ? 0 : (__mmask32)((1u << (left - 32)) - 1);
         for (int r = 0; r < R; r++) {
-            if (PREFETCH_ROW) _mm_prefetch((const char *)(w + r * k + c) + PREFETCH_ROW, _MM_HINT_T0);
-            for (int i = 0; i < MC; i++) acc[r][i] = dot32_bf16(acc[r][i], w + r * k, x + i * k, c, mask);
+            if (PREFETCH_ROW) {
+                _mm_prefetch((const char *)(w + r * k + c) + PREFETCH_ROW, _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + r * k + c) + 64 + PREFETCH_ROW, _MM_HINT_T0);
+            }
+            for (int i = 0; i < MC; i++) {
+                acc[r][i][0] = dot32_bf16(acc[r][i][0], w + r * k, x + i * k, c, m0);
+                acc[r][i][1] = dot32_bf16(acc[r][i][1], w + r * k, x + i * k, c + 32, m1);
+            }
         }
     }
     for (int r = 0; r < R; r++)
         for (int i = 0; i < MC; i++) {
-            float v = _mm512_reduce_add_ps(acc[r][i]);
+            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
             if (bias != NULL) {
                 union { uint32_t u; float f; } b = { .u = (uint32_t)bias[r] << 16 };
                 v += b.f;
@@ -445,15 +436,15 @@ static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, i
 }
 
 /* out [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]), all bf16, w row-major as stored (no layout of its own); m <= 4.
- * fp32 accumulation, one rounding. Rows in groups of 4 (each thread takes a contiguous range). */
+ * fp32 accumulation, one rounding. Rows in groups of BF16_ROWS (each thread takes a contiguous range). */
 void chatglm_cpu_linear_bf16(const uint16_t *x, int64_t m, const uint16_t *w, const uint16_t *bias, uint16_t *out,
                              int64_t n, int64_t k, int threads) {
 #define ROWS_BF16(MC)                                                                                          \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
-    for (int64_t b = 0; b < (n + 3) / 4; b++) {                                                              \
-        const int64_t r = 4 * b;                                                                              \
+    for (int64_t b = 0; b < (n + BF16_ROWS - 1) / BF16_ROWS; b++) {                                          \
+        const int64_t r = BF16_ROWS * b;                                                                      \
         const uint16_t *bb = bias == NULL ? NULL : bias + r;                                                  \
-        if (n - r >= 4) rows_bf16(x, MC, w + r * k, 4, k, bb, out + r, n);                                    \
+        if (n - r >= BF16_ROWS) rows_bf16(x, MC, w + r * k, BF16_ROWS, k, bb, out + r, n);                    \
         else for (int64_t j = r; j < n; j++) rows_bf16(x, MC, w + j * k, 1, k, bias == NULL ? NULL : bias + j, \
                                                        out + j, n);                                          \
     }
@@ -510,12 +501,14 @@ IO_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # TYPE_* in C
 PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces per input value (see CPU_SOURCE)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
-# Software prefetch distances in bytes (ahead in the int8 stream, the int4 stream, each bf16 row; 0 = none) per CPU
-# vendor, measured per family with benchmarks/bench_prefetch.py (alternating runs; results/prefetch_*.txt): on the
-# Intel Xeon (Sapphire Rapids class) 8 KiB / 8 KiB / 4 KiB; on the AMD EPYC (Zen 4) 2 KiB ahead in the quantized
-# stream (kernels' own A/B, benchmarks/README.md) and 8 KiB for bf16 rows. CHATGLM_CPU_PREFETCH="int8,int4,row"
-# overrides.
-PREFETCH_BY_VENDOR = {"GenuineIntel": (8192, 8192, 4096), "AuthenticAMD": (2048, 2048, 8192)}
+# Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
+# stream and each bf16 row (0 = none), and the bf16 rows read side by side per pass. Measured with in-process A/Bs
+# (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class)
+# 8 / 8 / 4 KiB, 4 rows; on the AMD EPYC Zen 4 (family 25) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, one row
+# (one sequential stream per pass: 1.55x the 4-row bf16 GEMV on Zen 5). CHATGLM_CPU_PREFETCH="int8,int4,row"
+# overrides the distances.
+CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 4), "AuthenticAMD": (2048, 2048, 8192, 1),
+              "AuthenticAMD 25": (2048, 2048, 8192, 1), "AuthenticAMD 26": (4096, 8192, 8192, 1)}
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
 
@@ -529,7 +522,7 @@ def pack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == 8:
             codes = rows_in.view(torch.uint8) ^ 0x80  # q + 128
         else:
-            nib = (nibble_codes(rows_in) ^ 8).reshape(n, -1, 2, CHUNK // 2)  # q + 8; [row, chunk, low/high half, j]
+            nib = (unpack_int4(rows_in) + 8).view(torch.uint8).reshape(n, -1, 2, CHUNK // 2)  # [row, chunk, half, j]
             codes = nib[:, :, 0] | (nib[:, :, 1] << 4)
         cb = CHUNK * bits // 8
         grouped = codes.reshape(n // GROUP_ROWS, GROUP_ROWS, -1, cb).transpose(1, 2)
@@ -545,7 +538,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tenso
     codes = codes.reshape(n, k // CHUNK, cb)
     if bits == 8:
         return (codes.reshape(n, k) ^ 0x80).view(torch.int8)
-    return codes_to_stored(torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(n, k) ^ 8)
+    return pack_int4(torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(n, k).to(torch.int8) - 8)
 
 
 def scratch_bytes(rows: int, k: int, pieces: int) -> int:
@@ -579,27 +572,30 @@ def cpu_signature() -> str:
     """What -march=native compiles for: the CPU model and feature flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            return "".join(sorted({ln for ln in f if ln.startswith(("vendor_id", "model name", "flags"))}))
+            return "".join(sorted({ln for ln in f if ln.startswith(("vendor_id", "cpu family", "model name", "flags"))}))
     except OSError:
         return platform.processor()
 
 
-def prefetch_distances(signature: str):
-    """(int8, int4, row) software prefetch distances in bytes for this CPU (``PREFETCH_BY_VENDOR``)."""
+def cpu_tuning(signature: str):
+    """(int8, int4, row) prefetch distances in bytes and the bf16 rows per pass for this CPU (``CPU_TUNING``)."""
+    vendor = next((v for v in ("GenuineIntel", "AuthenticAMD") if v in signature), "GenuineIntel")
+    family = next((ln.split(":")[1].strip() for ln in signature.splitlines() if ln.startswith("cpu family")), "")
+    *distances, rows = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
     override = os.environ.get("CHATGLM_CPU_PREFETCH")
     if override:
         values = override.split(",")
-        if len(values) == 3 and all(v.strip().isdigit() for v in values):
-            return tuple(int(v) for v in values)
-        raise ValueError(f"CHATGLM_CPU_PREFETCH must be three byte counts >= 0, 'int8,int4,row' (e.g. "
-                         f"8192,8192,4096); got {override!r}")
-    vendor = next((v for v in PREFETCH_BY_VENDOR if v in signature), "GenuineIntel")
-    return PREFETCH_BY_VENDOR[vendor]
+        if len(values) != 3 or not all(v.strip().isdigit() for v in values):
+            raise ValueError(f"CHATGLM_CPU_PREFETCH must be three byte counts >= 0, 'int8,int4,row' (e.g. "
+                             f"8192,8192,4096); got {override!r}")
+        distances = [int(v) for v in values]
+    return (*distances, rows)
 
 
 def compile_flags(signature: str):
-    int8, int4, row = prefetch_distances(signature)
-    return (*COMPILE_FLAGS, f"-DPREFETCH_INT8={int8}", f"-DPREFETCH_INT4={int4}", f"-DPREFETCH_ROW={row}")
+    int8, int4, row, rows = cpu_tuning(signature)
+    return (*COMPILE_FLAGS, f"-DPREFETCH_INT8={int8}", f"-DPREFETCH_INT4={int4}", f"-DPREFETCH_ROW={row}",
+            f"-DBF16_ROWS={rows}")
 
 
 def library_path(compiler: str, signature: str) -> str:
@@ -647,7 +643,7 @@ def _self_check(lib) -> bool:
     for bits in (8, 4):
         stored = torch.randint(-128, 128, (n, k * bits // 8), generator=gen, dtype=torch.int8)
         scale = torch.rand(n, generator=gen).bfloat16()
-        weight = _values(stored, bits).double() * scale.double()[:, None]  # exact
+        weight = (unpack_int4(stored) if bits == 4 else stored).double() * scale.double()[:, None]  # exact
         packed = pack_codes(stored, bits)
         if not torch.equal(unpack_codes(packed, bits, n, k), stored):
             return False

@@ -1,4 +1,4 @@
-"""A/B of the cpu-avx512 decode kernels of several code folders (e.g. a git worktree of an older commit and .),
+"""A/B of the cpu-avx512 decode kernels (BITS 8 / 4) or the bf16 GEMV (BITS 16) of several code folders (e.g. a git worktree of an older commit and .),
 per ChatGLM3-6B linear shape, in one process: alternating rounds, each layer's weight rotated over copies larger
 than 4x a 32 MB L3, medians; also torch.sum's read bandwidth measured between the rounds.
 
@@ -15,9 +15,19 @@ L3 = 32 << 20
 mods = []
 for i, d in enumerate(dirs):
     pkg = types.ModuleType(f"rc{i}"); pkg.__path__ = [d]; sys.modules[f"rc{i}"] = pkg
-    q = importlib.import_module(f"rc{i}.quantization")
-    q.set_quantization_backend("cpu-avx512")
+    q = importlib.import_module(f"rc{i}.quantization" if bits != 16 else f"rc{i}.cpu_kernels")
+    if bits == 16:
+        assert q.load() is not None, "the CPU kernels do not build here"
+    else:
+        q.set_quantization_backend("cpu-avx512")
     mods.append(q)
+
+
+def bf16_layer(ck, weight):
+    """The bf16 GEMV of cpu_kernels ``ck`` on ``weight`` (what a bf16 Linear runs at decode)."""
+    return lambda x: ck.linear_bf16(x, weight, None)
+
+
 torch.manual_seed(0)
 layers = {}
 for n, k in SHAPES:
@@ -28,9 +38,11 @@ for n, k in SHAPES:
     for i, q in enumerate(mods):
         ls = []
         for c in range(copies):
-            l = q.QuantizedLinear.from_linear(lin, bits).pack(torch.bfloat16)
-            ls.append(l)
-        assert ls[0].backend == "cpu-avx512", ls[0].backend
+            if bits == 16:
+                ls.append(bf16_layer(q, w.clone()))
+            else:
+                ls.append(q.QuantizedLinear.from_linear(lin, bits).pack(torch.bfloat16))
+        assert bits == 16 or ls[0].backend == "cpu-avx512", ls[0].backend
         layers[(n, k, i)] = ls
 x = torch.randn(M, 4096, dtype=torch.bfloat16)
 xs = {k: torch.randn(M, k, dtype=torch.bfloat16) for _, k in SHAPES}

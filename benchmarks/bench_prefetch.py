@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Read bandwidth of the CPU decode kernels (one input row, weights from memory) next to ``torch.sum``'s, for tuning
-the software prefetch distances per CPU family (``cpu_kernels.PREFETCH_BY_VENDOR``; ``CHATGLM_CPU_PREFETCH``).
+the software prefetch distances per CPU family (``cpu_kernels.CPU_TUNING``; ``CHATGLM_CPU_PREFETCH``).
 
 Prints one line of GB/s: ``sum`` (torch.sum of 256 MB fp32), ``int8`` / ``int4`` (QuantizedLinear packed for
 ``cpu-avx512``, 27392 x 4096) and ``bf16`` (``cpu_kernels.linear_bf16``, the same shape); medians of 9 calls that
@@ -49,7 +49,7 @@ def main():
             del layers
         weights = [torch.randn(n, k).bfloat16() for _ in range(3)]
         result["bf16"] = n * k * 2 / median_s(lambda i: CK.linear_bf16(x, weights[i % 3], None), 9)
-    print(f"prefetch={CK.prefetch_distances(CK.cpu_signature())} threads={args.threads} "
+    print(f"tuning={CK.cpu_tuning(CK.cpu_signature())} threads={args.threads} "
           + " ".join(f"{name}={v / 1e9:.1f}" for name, v in result.items()))
 
 

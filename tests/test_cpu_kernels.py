@@ -339,3 +339,36 @@ def test_cpu_kernels_share_torchs_openmp_runtime():
     assert proc.returncode == 0, proc.stderr
     added, before = proc.stdout.rsplit(" ", 1)
     assert added == "[]" and int(before) >= 1  # torch's libgomp was there, and the kernels reuse it
+
+
+def test_cpu_tuning_is_chosen_by_vendor_and_family(monkeypatch):
+    monkeypatch.delenv("CHATGLM_CPU_PREFETCH", raising=False)
+    zen5 = "cpu family\t: 26\nflags\t\t: avx512f avx512bw\nvendor_id\t: AuthenticAMD\n"
+    assert CK.cpu_tuning(zen5) == CK.CPU_TUNING["AuthenticAMD 26"]
+    assert CK.cpu_tuning(zen5.replace(": 26", ": 27")) == CK.CPU_TUNING["AuthenticAMD"]  # an unlisted family
+    assert CK.cpu_tuning("cpu family\t: 6\nvendor_id\t: GenuineIntel\n") == CK.CPU_TUNING["GenuineIntel"]
+    monkeypatch.setenv("CHATGLM_CPU_PREFETCH", "0,512,1024")
+    assert CK.cpu_tuning(zen5) == (0, 512, 1024, CK.CPU_TUNING["AuthenticAMD 26"][3])
+    monkeypatch.setenv("CHATGLM_CPU_PREFETCH", "1,2")
+    with pytest.raises(ValueError, match="CHATGLM_CPU_PREFETCH"):
+        CK.cpu_tuning(zen5)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tuning", sorted(set(CK.CPU_TUNING.values())))
+def test_every_cpu_tuning_builds_kernels_that_compute_right(tuning, tmp_path, monkeypatch):
+    """Each tuning in the table (prefetch distances, bf16 rows per pass), built on this host: the self-check passes
+    and the bf16 GEMV equals F.linear on shapes with row and column tails."""
+    monkeypatch.delenv("CHATGLM_CPU_PREFETCH", raising=False)
+    monkeypatch.setattr(CK, "cpu_tuning", lambda signature: tuning)
+    monkeypatch.setattr(CK, "kernel_dir", lambda: str(tmp_path))
+    lib = CK._build_and_load()
+    assert lib is not None  # built, and passed _self_check
+    gen = torch.Generator().manual_seed(0)
+    for n, k, rows in ((4099, 4096, 1), (13, 200, 4), (7, 13696, 2)):
+        weight, bias = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        lib.chatglm_cpu_linear_bf16(x.data_ptr(), rows, weight.data_ptr(), bias.data_ptr(), out.data_ptr(), n, k, 2)
+        want = F.linear(x.double(), weight.double(), bias.double())
+        assert rel_err(out.double(), want) < 4e-3
