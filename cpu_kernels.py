@@ -1,11 +1,12 @@
-"""CPU kernels for quantization.py's QuantizedLinear and linear.py's bf16 Linear: this package's AVX-512 C
-kernels (built at run time with the host's C compiler, loaded with ctypes) and torch's packed int8 / int4 CPU kernels.
+"""This package's CPU kernels, AVX-512 C built at run time with the host's C compiler and loaded with ctypes: the
+int8 / int4 decode GEMV and dequantize of quantization.py's ``cpu-avx512`` backend (:class:`Avx512`), the bf16 decode
+GEMV of linear.py's Linear (:func:`linear_bf16`) and the one-token decode attention of modeling_chatglm.py's SDPA
+path (:func:`decode_attention`).
 
-quantization.py imports this module the first time a quantized layer is bound to the CPU, modeling_chatglm.py the
-first time ``pack_weights`` binds a bf16 CPU linear (:func:`linear_bf16`). Every quantized kernel here takes the
+Imported the first time a layer is bound to the CPU (``pack_weights``; linear.cpu_kernel). :class:`Avx512` takes the
 published storage format (``weight`` int8 [out, in*bits/8], int4 element 2j in the high nibble) and the
-``weight_scale`` tensor, and offers the same small interface (see :class:`Int8Pack`): ``usable``, ``matmul`` and,
-for the kernels that read their own weight layout, ``pack`` / ``unpack`` / ``scales``.
+``weight_scale`` tensor, and offers the interface of quantization.py's kernels: ``usable``, ``matmul``, ``pack`` /
+``unpack`` / ``scales``.
 """
 import contextlib
 import ctypes
@@ -20,136 +21,11 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from .quantization import pack_int4, unpack_int4
+from .quantization import FLOAT_DTYPES, in_row_chunks, pack_int4, unpack_int4
 
 logger = logging.get_logger(__name__)
 
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PACK_CHUNK_ROWS = 1024  # rows re-laid-out at a time (bounds the temporaries); a multiple of every block size
 _lock = threading.Lock()
-
-
-def _in_row_chunks(fn, stored):
-    if stored.shape[0] <= PACK_CHUNK_ROWS:
-        return fn(stored)
-    return torch.cat([fn(stored[i:i + PACK_CHUNK_ROWS]) for i in range(0, stored.shape[0], PACK_CHUNK_ROWS)])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# torch's kernels
-# ---------------------------------------------------------------------------------------------------------------------
-class Int8Pack:
-    """``torch._weight_int8pack_mm`` on the stored int8 weight as it is (no layout of its own)."""
-
-    name = "cpu-int8pack"
-    layout = None  # reads the stored format
-    differentiable = False  # the layer routes autograd through the dequantized weight
-
-    def usable(self, bits, out_features, in_features, dtype):
-        # Its AVX-512 path reads 16 columns at a time with no tail handling (wrong results / crashes otherwise).
-        return (bits == 8 and in_features % 16 == 0 and dtype in FLOAT_DTYPES
-                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
-
-    def matmul(self, x2, weight, scale, bits, out_features, in_features):
-        if scale.dtype != x2.dtype:
-            scale = scale.to(x2.dtype)
-        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scale)
-
-
-class Int4Pack:
-    """``torch._weight_int4pack_mm_for_cpu``; the weight is re-laid-out once into torch's int4 CPU layout, whose
-    exact byte order this class finds by packing a probe (it differs between torch builds)."""
-
-    name = "cpu-int4pack"
-    layout = "int4pack"
-    differentiable = False
-    _layout = None  # (block_n, mode) once calibrated, False if unusable
-
-    def usable(self, bits, out_features, in_features, dtype):
-        return (bits == 4 and out_features % 16 == 0 and self._group_size(in_features) is not None
-                and dtype in FLOAT_DTYPES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-                and bool(self._calibrate()))
-
-    @staticmethod
-    def _group_size(k):
-        return next((gs for gs in (256, 128, 64, 32) if k % gs == 0), None)
-
-    @staticmethod
-    def _torch_pack(values_u4):
-        """values in [0, 15], [n, K] -> torch's CPU int4 layout (uint8 [n, K/2])."""
-        try:
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values_u4.to(torch.int32).contiguous(), 2)
-        except RuntimeError as first:
-            # Other torch builds take the values already nibble-packed (uint8 [n, K/2], element 2j high).
-            v = values_u4.to(torch.uint8)
-            try:
-                return torch.ops.aten._convert_weight_to_int4pack_for_cpu((v[:, 0::2] << 4 | v[:, 1::2]).contiguous(), 2)
-            except RuntimeError:
-                raise first from None
-
-    @staticmethod
-    def _layout_unpack(packed, n, k, block_n, mode):
-        """Inverse of torch's CPU int4 layout -> unsigned values uint8 [n, k]. Rows are packed in blocks of
-        ``block_n``; block b takes bytes [b*block_n*k/2, ...) laid out [k][block_n/2]. Full blocks, ``split``: row
-        r in the low nibble of byte r, row r+block_n/2 in its high nibble; ``pairs`` (partial blocks, and the
-        non-vectorized build): rows 2i / 2i+1 in byte i's low / high nibble."""
-        flat = packed.reshape(-1)
-        full = (n // block_n) * block_n
-        parts = []
-        if full:
-            blocks = flat[: full * k // 2].reshape(full // block_n, k, block_n // 2)
-            lo, hi = blocks & 0xF, blocks >> 4
-            vals = torch.cat((lo, hi), -1) if mode == "split" else torch.stack((lo, hi), -1).reshape(
-                full // block_n, k, block_n)
-            parts.append(vals.permute(0, 2, 1).reshape(full, k))
-        if n - full:
-            t = flat[full * k // 2:].reshape(k, (n - full) // 2)
-            parts.append(torch.stack((t & 0xF, t >> 4), -1).reshape(k, n - full).t())
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-
-    @classmethod
-    def _calibrate(cls):
-        if cls._layout is not None:
-            return cls._layout
-        with _lock:
-            if cls._layout is None:
-                layout = False
-                try:
-                    gen = torch.Generator().manual_seed(1234)
-                    n, k = 176, 64  # 2 full 64-blocks + a 48 tail; 5 full 32-blocks + a 16 tail
-                    vals = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-                    packed = cls._torch_pack(vals)
-                    chunked = torch.cat((cls._torch_pack(vals[:128]), cls._torch_pack(vals[128:])), 0)
-                    if torch.equal(packed, chunked):
-                        for block_n, mode in ((64, "split"), (32, "split"), (32, "pairs"), (64, "pairs")):
-                            if torch.equal(cls._layout_unpack(packed, n, k, block_n, mode).to(torch.int32), vals):
-                                layout = (block_n, mode)
-                                break
-                except Exception as e:  # op missing, or a layout we don't know
-                    logger.info("torch int4 CPU kernels unavailable: %s", e)
-                cls._layout = layout
-        return cls._layout
-
-    def pack(self, stored, bits):
-        # stored code c of value q in [-8, 7]: torch wants q + 8 = c ^ 8
-        return _in_row_chunks(lambda rows: self._torch_pack(unpack_int4(rows) + 8), stored)
-
-    def unpack(self, packed, bits, out_features, in_features):
-        block_n, mode = self._calibrate()
-        codes = self._layout_unpack(packed.view(torch.uint8), out_features, in_features, block_n, mode)
-        return pack_int4(codes.to(torch.int8) - 8)
-
-    def scales(self, scale, in_features, dtype):
-        """[K/group, N, 2] (scale, zero = 0) in the activation dtype."""
-        scale = scale.to(dtype)
-        groups = in_features // self._group_size(in_features)
-        return torch.stack((scale.expand(groups, -1), torch.zeros_like(scale).expand(groups, -1)), -1).contiguous()
-
-    def matmul(self, x2, packed, table, bits, out_features, in_features):
-        if x2.dtype != table.dtype:
-            return self.matmul(x2.to(table.dtype), packed, table, bits, out_features, in_features).to(x2.dtype)
-        group_size = in_features // table.shape[0]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed.view(torch.uint8), group_size, table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -387,18 +263,22 @@ void chatglm_cpu_matmul(const void *x, int x_type, int64_t m, const uint8_t *w, 
 
 /* ---- bf16 weights (unquantized models) ------------------------------------------------------------------------ */
 
-/* 32 bf16 of x and w at column c (fewer at the row end: masked to zero), multiplied in pairs and added to acc */
-static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x, int64_t c, __mmask32 mask) {
-    const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + c), xv = _mm512_maskz_loadu_epi16(mask, x + c);
+/* acc + the products of the bf16 pairs in a and b, summed per 32-bit lane (vdpbf16ps where the CPU has it) */
+static inline __m512 dp_bf16(__m512 acc, __m512i a, __m512i b) {
 #ifdef __AVX512BF16__
-    return _mm512_dpbf16_ps(acc, (__m512bh)wv, (__m512bh)xv);
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 #else  /* bf16 -> fp32 is a 16-bit shift: even and odd elements separately */
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)),
-                          _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), acc);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)),
-                           _mm512_castsi512_ps(_mm512_and_si512(xv, hi)), acc);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
+                          acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)),
+                           acc);
 #endif
+}
+
+/* 32 bf16 of x and w at column c (fewer at the row end: masked to zero), multiplied in pairs and added to acc */
+static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x, int64_t c, __mmask32 mask) {
+    return dp_bf16(acc, _mm512_maskz_loadu_epi16(mask, w + c), _mm512_maskz_loadu_epi16(mask, x + c));
 }
 
 /* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once; two
@@ -455,6 +335,89 @@ void chatglm_cpu_linear_bf16(const uint16_t *x, int64_t m, const uint16_t *w, co
     default: { ROWS_BF16(4) } break;
     }
 #undef ROWS_BF16
+}
+
+/* ---- decode attention (one query row per head) ---------------------------------------------------------------- */
+
+/* e^x for x <= 0 (softmax after subtracting the max): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its
+ * Taylor series to degree 6 (relative error < 2e-7); 0 below -87. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    const float c[6] = {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 6; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+}
+
+#define KEY_BLOCK 64  /* keys whose values are widened to fp32 at a time (64 * d * 4 bytes: stays in L1) */
+
+/* out [nb][nh][g][d] = softmax(q k^T * scale) v for the g <= 16 query rows that share each key/value head; all bf16,
+ * d % 64 == 0, d <= 256; k and v rows of d contiguous values at element strides (batch, head, row); mask: NULL, or
+ * per batch row (stride ms) one byte per key, 0 = masked out. fp32 scores, softmax and accumulation, one rounding.
+ * scratch: nb * nh * (16 * len + (KEY_BLOCK + 16) * d) floats. */
+void chatglm_cpu_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
+                                  int64_t nb, int64_t nh, int64_t g, int64_t len, int64_t d, int64_t kb, int64_t kh,
+                                  int64_t kr, int64_t vb, int64_t vh, int64_t vr, const uint8_t *mask, int64_t ms,
+                                  float scale, float *scratch, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < nb * nh; task++) {
+        const int64_t b = task / nh, h = task % nh;
+        const uint16_t *qt = q + task * g * d, *kt = k + b * kb + h * kh, *vt = v + b * vb + h * vh;
+        float *s = scratch + task * (16 * len + (KEY_BLOCK + 16) * d), *vf = s + 16 * len, *acc = vf + KEY_BLOCK * d;
+        __m512i qp[128];  /* the queries transposed: qp[p] = dims (2p, 2p + 1) of the g rows, row i in lane i */
+        for (int64_t p = 0; p < d / 2; p++) {
+            uint32_t lanes[16] = {0};
+            for (int64_t i = 0; i < g; i++) lanes[i] = ((const uint32_t *)(qt + i * d))[p];
+            qp[p] = _mm512_loadu_si512(lanes);
+        }
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t l = 0; l < len; l++) {  /* the scores of key l for all rows: one vector, no reduction */
+            const uint32_t *kl = (const uint32_t *)(kt + l * kr);
+            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t p = 0; p < d / 2; p += 4)  /* (four independent sums) */
+                for (int c = 0; c < 4; c++)
+                    a[c] = dp_bf16(a[c], _mm512_set1_epi32((int)kl[p + c]), qp[p + c]);
+            __m512 sc = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
+                                      _mm512_set1_ps(scale));
+            if (mask != NULL && !mask[b * ms + l]) sc = _mm512_set1_ps(-INFINITY);
+            _mm512_storeu_ps(s + 16 * l, sc);
+            mx = _mm512_max_ps(mx, sc);
+        }
+        for (int64_t l = 0; l < len; l++) {
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * l), mx));
+            _mm512_storeu_ps(s + 16 * l, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float inv[16];
+        _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+        for (int64_t i = 0; i < 16 * d; i++) acc[i] = 0.0f;
+        for (int64_t l0 = 0; l0 < len; l0 += KEY_BLOCK) {
+            const int64_t n = len - l0 < KEY_BLOCK ? len - l0 : KEY_BLOCK;
+            for (int64_t l = 0; l < n; l++)
+                for (int64_t j = 0; j < d; j += 16) _mm512_storeu_ps(vf + l * d + j, load16(vt + (l0 + l) * vr, TYPE_BF16, j));
+            for (int64_t i = 0; i < g; i += 2)  /* acc[i] += sum_l p[i][l] v[l], two rows and 64 columns at a time */
+                for (int64_t j = 0; j < d; j += 64) {
+                    const int64_t i1 = i + 1 < g ? i + 1 : i;  /* (an odd last row is computed twice) */
+                    __m512 a[2][4];
+                    for (int c = 0; c < 4; c++)
+                        a[0][c] = _mm512_loadu_ps(acc + i * d + j + 16 * c), a[1][c] = _mm512_loadu_ps(acc + i1 * d + j + 16 * c);
+                    for (int64_t l = 0; l < n; l++) {
+                        const __m512 p0 = _mm512_set1_ps(s[16 * (l0 + l) + i]), p1 = _mm512_set1_ps(s[16 * (l0 + l) + i1]);
+                        for (int c = 0; c < 4; c++) {
+                            const __m512 x = _mm512_loadu_ps(vf + l * d + j + 16 * c);
+                            a[0][c] = _mm512_fmadd_ps(p0, x, a[0][c]);
+                            a[1][c] = _mm512_fmadd_ps(p1, x, a[1][c]);
+                        }
+                    }
+                    for (int c = 0; c < 4; c++)
+                        _mm512_storeu_ps(acc + i * d + j + 16 * c, a[0][c]), _mm512_storeu_ps(acc + i1 * d + j + 16 * c, a[1][c]);
+                }
+        }
+        for (int64_t i = 0; i < g; i++)
+            for (int64_t j = 0; j < d; j++) store1(out, TYPE_BF16, task * g * d + i * d + j, acc[i * d + j] * inv[i]);
+    }
 }
 
 /* out [n, k] (row-major, out_type) = q * scale, rounded once: the same as torch's q.to(T) * scale for a model-dtype
@@ -528,7 +491,7 @@ def pack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
         grouped = codes.reshape(n // GROUP_ROWS, GROUP_ROWS, -1, cb).transpose(1, 2)
         return grouped.contiguous().view(torch.int8).reshape(-1)
 
-    return _in_row_chunks(pack_rows, stored)
+    return in_row_chunks(pack_rows, stored)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
@@ -671,7 +634,9 @@ def _self_check(lib) -> bool:
         if not torch.allclose(out.float(), F.linear(x.double(), weight.double(), bias.double()).float(),
                               rtol=1e-2, atol=1e-2):
             return False
-    return True
+    q, kv = torch.randn(1, 6, 1, 64, generator=gen).bfloat16(), torch.randn(2, 1, 2, 70, 64, generator=gen).bfloat16()
+    want = F.scaled_dot_product_attention(q.double().view(1, 2, 3, 64), kv[0].double(), kv[1].double())
+    return bool((_decode_attention(lib, q, kv[0], kv[1]).double().view(1, 2, 3, 64) - want).abs().max() < 2e-2)
 
 
 def load():
@@ -706,12 +671,13 @@ def _build_and_load():
     try:
         lib = ctypes.CDLL(path)
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.chatglm_cpu_matmul.argtypes = [ptr, i32, i64, ptr, i32, ptr, ptr, i32, i64, i64, i32, ptr, i32]
-        lib.chatglm_cpu_matmul.restype = None
-        lib.chatglm_cpu_dequantize.argtypes = [ptr, i32, ptr, ptr, i32, i64, i64, i32]
-        lib.chatglm_cpu_dequantize.restype = None
-        lib.chatglm_cpu_linear_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i32]
-        lib.chatglm_cpu_linear_bf16.restype = None
+        signatures = {"matmul": [ptr, i32, i64, ptr, i32, ptr, ptr, i32, i64, i64, i32, ptr, i32],
+                      "dequantize": [ptr, i32, ptr, ptr, i32, i64, i64, i32],
+                      "linear_bf16": [ptr, i64, ptr, ptr, ptr, i64, i64, i32],
+                      "decode_attention": [ptr, ptr, ptr, ptr, *[i64] * 11, ptr, i64, ctypes.c_float, ptr, i32]}
+        for name, argtypes in signatures.items():
+            function = getattr(lib, f"chatglm_cpu_{name}")
+            function.argtypes, function.restype = argtypes, None
         ok = _self_check(lib)
     except OSError as e:  # a damaged cached library: remove it so that the next process rebuilds it
         logger.info("could not load the CPU quantization kernels from %s: %s", path, e)
@@ -771,7 +737,6 @@ class Avx512:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
-KERNELS = {k.name: k for k in (Avx512(), Int8Pack(), Int4Pack())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -797,3 +762,37 @@ def linear_bf16(x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     _lib.chatglm_cpu_linear_bf16(x2.data_ptr(), rows, weight.data_ptr(), None if bias is None else bias.data_ptr(),
                                  out.data_ptr(), n, k, torch.get_num_threads())
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode attention: one new token against the cache (SDPA's CPU kernel reads a long cache at a fraction of bandwidth)
+# ---------------------------------------------------------------------------------------------------------------------
+def decode_attention_takes(q, k, v, mask=None) -> bool:
+    """Whether :func:`decode_attention` takes these: bf16 CPU tensors, one query row per head, up to 16 query heads
+    per key/value head, head_dim a multiple of 64 up to 256, key/value rows contiguous; no mask, or a bool key mask
+    [b, 1, 1, length] (True = attend)."""
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == k.device.type == "cpu"
+            and q.shape[2] == 1 and k.shape == v.shape and k.shape[2] > 0 and q.shape[1] % k.shape[1] == 0
+            and q.shape[1] // k.shape[1] <= 16 and q.shape[-1] % 64 == 0 and q.shape[-1] <= 256
+            and k.stride(-1) == 1 and v.stride(-1) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.stride(-1) == 1
+                                  and tuple(mask.shape) == (q.shape[0], 1, 1, k.shape[2]))))
+
+
+def _decode_attention(lib, q, k, v, mask=None):
+    (b, heads, _, d), (heads_kv, length) = q.shape, k.shape[1:3]
+    q, out = q.contiguous(), torch.empty_like(q)
+    scratch = _scratch_buffer(b * heads_kv * (16 * length + 80 * d), torch.float32)
+    lib.chatglm_cpu_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads_kv,
+                                     heads // heads_kv, length, d, *k.stride()[:3], *v.stride()[:3],
+                                     None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                                     d ** -0.5, scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def decode_attention(q, k, v, mask=None):
+    """``softmax(q k^T / sqrt(d)) v`` for one new token where :func:`decode_attention_takes` the tensors: q [b, heads,
+    1, d], k / v [b, heads_kv, length, d] -> [b, heads, 1, d]; fp32 scores, softmax and sums, one rounding (as SDPA's
+    own CPU kernel). Call only where :func:`load` gave the library."""
+    return _decode_attention(_lib, q, k, v, mask)
+

@@ -25,7 +25,7 @@ def cpu_layouts_enabled():
 
 
 _CPU_PREPACK = None
-_CPU_GEMV = None
+_CPU_KERNELS = {}  # "gemv" / "attention" -> (takes, run) from cpu_kernels, or False where its library does not build
 
 
 def cpu_prepack_enabled():
@@ -41,16 +41,18 @@ def cpu_prepack_enabled():
     return _CPU_PREPACK
 
 
-def cpu_gemv_kernel():
-    """This package's bf16 decode kernel as ``(linear_bf16_takes, linear_bf16)`` from ``cpu_kernels``, where its C
-    library builds on this machine (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried
-    once per process."""
-    global _CPU_GEMV
-    if _CPU_GEMV is None:
-        from .cpu_kernels import linear_bf16, linear_bf16_takes, load as load_cpu_kernels
+def cpu_kernel(kind):
+    """This package's CPU decode kernel ``kind`` as ``(takes, run)`` from ``cpu_kernels``: ``"gemv"`` (bf16 linear,
+    ``linear_bf16``) or ``"attention"`` (one new token against the cache, ``decode_attention``), where its C library
+    builds on this machine (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried once per
+    process."""
+    if kind not in _CPU_KERNELS:
+        from . import cpu_kernels as ck
 
-        _CPU_GEMV = (linear_bf16_takes, linear_bf16) if load_cpu_kernels() is not None else False
-    return _CPU_GEMV or None
+        built = ck.load() is not None
+        _CPU_KERNELS.setdefault("gemv", built and (ck.linear_bf16_takes, ck.linear_bf16))
+        _CPU_KERNELS.setdefault("attention", built and (ck.decode_attention_takes, ck.decode_attention))
+    return _CPU_KERNELS[kind] or None
 
 
 class InferenceLayout:
@@ -169,7 +171,7 @@ class Linear(InferenceLayout, nn.Linear):
     """
 
     prepack = True  # False for a layer whose weight may be shared (tied) with another module
-    gemv = None  # the bound bf16 decode kernel (cpu_gemv_kernel()), or None
+    gemv = None  # the bound bf16 decode kernel (cpu_kernel("gemv")), or None
 
     @property
     def is_packed(self):
@@ -183,8 +185,8 @@ class Linear(InferenceLayout, nn.Linear):
                 or weight.dim() != 2 or not cpu_layouts_enabled()):
             return self
         with PACK_LOCK:
-            if weight.is_contiguous() and cpu_gemv_kernel() is not None:
-                self.gemv = cpu_gemv_kernel()
+            if weight.is_contiguous() and cpu_kernel("gemv") is not None:
+                self.gemv = cpu_kernel("gemv")
             elif cpu_prepack_enabled():
                 pack_weight(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.Tensor.to_dense)
         return self

@@ -43,7 +43,7 @@ from .compat import (  # the transformers / torch version differences, by featur
 )
 from .configuration_chatglm import ChatGLMConfig
 from .generation import GenerationSupport
-from .linear import Linear, pack_model, unpack_model
+from .linear import Linear, cpu_kernel, pack_model, unpack_model
 from .loading import REMOTE_CODE_FILES, CheckpointIO  # noqa: F401 (REMOTE_CODE_FILES: public)
 from .masks import check_inputs, decoder_mask, positions_from_mask
 from .parallel import check_tensor_parallel  # noqa: F401 (public)
@@ -52,7 +52,7 @@ from .quantization import QuantizedLinear, quantization_backend, quantize, set_q
 if TYPE_CHECKING:
     # quantization.py imports the kernel modules lazily; they are named here too because transformers < 5 copies
     # into its module cache only the files that this module imports (when loading from a local folder).
-    from .cpu_kernels import KERNELS  # noqa: F401
+    from .cpu_kernels import Avx512  # noqa: F401
     from .cuda_kernels import launcher  # noqa: F401
 
 logger = logging.get_logger(__name__)
@@ -151,6 +151,10 @@ def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
         # rows, so SDPA runs on [b, kv_heads, groups, d] against the cache as is -- no key/value copies, and
         # 2 large problems instead of 32 tiny ones (the CPU kernel is ~25x faster at 2k context).
         b, h, _, d = q.shape
+        if not dropout_p and q.device.type == "cpu" and not torch.is_grad_enabled():
+            kernel = cpu_kernel("attention")  # this package's CPU kernel: 2-3x SDPA's, most at long contexts
+            if kernel is not None and kernel[0](q, k, v, mask):
+                return kernel[1](q, k, v, mask), None
         out = F.scaled_dot_product_attention(
             q.reshape(b, k.shape[1], groups, d), k, v, attn_mask=mask, dropout_p=dropout_p)
         return out.reshape(b, h, 1, d), None

@@ -38,6 +38,7 @@ The kernel modules are imported the first time a layer is bound to a device that
 when its launcher is first asked for. Anything missing there falls back (with one warning) instead of failing.
 """
 import functools
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -178,6 +179,135 @@ class _CudaDequant:
 
 
 TORCH_DEQUANT = _TorchDequant()
+
+
+# torch's packed CPU kernels (this package's own, cpu-avx512, are in cpu_kernels.py)
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PACK_CHUNK_ROWS = 1024  # rows re-laid-out at a time (bounds the temporaries); a multiple of every block size
+_int4_lock = threading.Lock()
+
+
+def in_row_chunks(fn, stored):
+    """``fn`` over the rows of ``stored`` in chunks of PACK_CHUNK_ROWS (bounds the temporaries of a re-layout)."""
+    if stored.shape[0] <= PACK_CHUNK_ROWS:
+        return fn(stored)
+    return torch.cat([fn(stored[i:i + PACK_CHUNK_ROWS]) for i in range(0, stored.shape[0], PACK_CHUNK_ROWS)])
+
+
+class Int8Pack:
+    """``torch._weight_int8pack_mm`` on the stored int8 weight as it is (no layout of its own)."""
+
+    name = "cpu-int8pack"
+    layout = None  # reads the stored format
+    differentiable = False  # the layer routes autograd through the dequantized weight
+
+    def usable(self, bits, out_features, in_features, dtype):
+        # Its AVX-512 path reads 16 columns at a time with no tail handling (wrong results / crashes otherwise).
+        return (bits == 8 and in_features % 16 == 0 and dtype in FLOAT_DTYPES
+                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+    def matmul(self, x2, weight, scale, bits, out_features, in_features):
+        if scale.dtype != x2.dtype:
+            scale = scale.to(x2.dtype)
+        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scale)
+
+
+class Int4Pack:
+    """``torch._weight_int4pack_mm_for_cpu``; the weight is re-laid-out once into torch's int4 CPU layout, whose
+    exact byte order this class finds by packing a probe (it differs between torch builds)."""
+
+    name = "cpu-int4pack"
+    layout = "int4pack"
+    differentiable = False
+    _layout = None  # (block_n, mode) once calibrated, False if unusable
+
+    def usable(self, bits, out_features, in_features, dtype):
+        return (bits == 4 and out_features % 16 == 0 and self._group_size(in_features) is not None
+                and dtype in FLOAT_DTYPES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                and bool(self._calibrate()))
+
+    @staticmethod
+    def _group_size(k):
+        return next((gs for gs in (256, 128, 64, 32) if k % gs == 0), None)
+
+    @staticmethod
+    def _torch_pack(values_u4):
+        """values in [0, 15], [n, K] -> torch's CPU int4 layout (uint8 [n, K/2])."""
+        try:
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values_u4.to(torch.int32).contiguous(), 2)
+        except RuntimeError as first:
+            # Other torch builds take the values already nibble-packed (uint8 [n, K/2], element 2j high).
+            v = values_u4.to(torch.uint8)
+            try:
+                return torch.ops.aten._convert_weight_to_int4pack_for_cpu((v[:, 0::2] << 4 | v[:, 1::2]).contiguous(), 2)
+            except RuntimeError:
+                raise first from None
+
+    @staticmethod
+    def _layout_unpack(packed, n, k, block_n, mode):
+        """Inverse of torch's CPU int4 layout -> unsigned values uint8 [n, k]. Rows are packed in blocks of
+        ``block_n``; block b takes bytes [b*block_n*k/2, ...) laid out [k][block_n/2]. Full blocks, ``split``: row
+        r in the low nibble of byte r, row r+block_n/2 in its high nibble; ``pairs`` (partial blocks, and the
+        non-vectorized build): rows 2i / 2i+1 in byte i's low / high nibble."""
+        flat = packed.reshape(-1)
+        full = (n // block_n) * block_n
+        parts = []
+        if full:
+            blocks = flat[: full * k // 2].reshape(full // block_n, k, block_n // 2)
+            lo, hi = blocks & 0xF, blocks >> 4
+            vals = torch.cat((lo, hi), -1) if mode == "split" else torch.stack((lo, hi), -1).reshape(
+                full // block_n, k, block_n)
+            parts.append(vals.permute(0, 2, 1).reshape(full, k))
+        if n - full:
+            t = flat[full * k // 2:].reshape(k, (n - full) // 2)
+            parts.append(torch.stack((t & 0xF, t >> 4), -1).reshape(k, n - full).t())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    @classmethod
+    def _calibrate(cls):
+        if cls._layout is not None:
+            return cls._layout
+        with _int4_lock:
+            if cls._layout is None:
+                layout = False
+                try:
+                    gen = torch.Generator().manual_seed(1234)
+                    n, k = 176, 64  # 2 full 64-blocks + a 48 tail; 5 full 32-blocks + a 16 tail
+                    vals = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+                    packed = cls._torch_pack(vals)
+                    chunked = torch.cat((cls._torch_pack(vals[:128]), cls._torch_pack(vals[128:])), 0)
+                    if torch.equal(packed, chunked):
+                        for block_n, mode in ((64, "split"), (32, "split"), (32, "pairs"), (64, "pairs")):
+                            if torch.equal(cls._layout_unpack(packed, n, k, block_n, mode).to(torch.int32), vals):
+                                layout = (block_n, mode)
+                                break
+                except Exception as e:  # op missing, or a layout we don't know
+                    logger.info("torch int4 CPU kernels unavailable: %s", e)
+                cls._layout = layout
+        return cls._layout
+
+    def pack(self, stored, bits):
+        # stored code c of value q in [-8, 7]: torch wants q + 8 = c ^ 8
+        return in_row_chunks(lambda rows: self._torch_pack(unpack_int4(rows) + 8), stored)
+
+    def unpack(self, packed, bits, out_features, in_features):
+        block_n, mode = self._calibrate()
+        codes = self._layout_unpack(packed.view(torch.uint8), out_features, in_features, block_n, mode)
+        return pack_int4(codes.to(torch.int8) - 8)
+
+    def scales(self, scale, in_features, dtype):
+        """[K/group, N, 2] (scale, zero = 0) in the activation dtype."""
+        scale = scale.to(dtype)
+        groups = in_features // self._group_size(in_features)
+        return torch.stack((scale.expand(groups, -1), torch.zeros_like(scale).expand(groups, -1)), -1).contiguous()
+
+    def matmul(self, x2, packed, table, bits, out_features, in_features):
+        if x2.dtype != table.dtype:
+            return self.matmul(x2.to(table.dtype), packed, table, bits, out_features, in_features).to(x2.dtype)
+        group_size = in_features // table.shape[0]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed.view(torch.uint8), group_size, table)
+
+
 _device_kernels = {}  # device type (CUDA: device) -> {name: kernel} in order of preference
 
 
@@ -189,7 +319,9 @@ def _kernels_for(device):
     kernels = _device_kernels.get(key)
     if kernels is None:
         if device.type == "cpu":
-            from .cpu_kernels import KERNELS as kernels
+            from .cpu_kernels import Avx512
+
+            kernels = {k.name: k for k in (Avx512(), Int8Pack(), Int4Pack())}
         elif device.type == "cuda":
             from . import cuda_kernels
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import (CHILD_IMPORT, REPO, block_linears, dequantized_float_model, load_module, load_quantization_module,
-                     quant_layer, quantization_module_of, quiet_load, random_ids, reference_pack_int4, rel_err)
+from support import (CHILD_IMPORT, REPO, block_linears, dequantized_float_model, load_model, load_module,
+                     left_padded_batch, load_quantization_module, make_model_dir, quant_layer,
+                     quantization_module_of, quiet_load, random_ids, reference_pack_int4, rel_err)
 
 Q = load_quantization_module()
 CK = load_module("cpu_kernels")
@@ -65,12 +66,12 @@ def test_codes_layout_matches_its_description(bits):
             else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
                 assert torch.equal(line & 0xF, row[:64]) and torch.equal(line >> 4, row[64:])
     assert torch.equal(CK.unpack_codes(packed, bits, n, k), stored)
-    old = CK.PACK_CHUNK_ROWS
+    old = Q.PACK_CHUNK_ROWS
     try:
-        CK.PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
+        Q.PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
         assert torch.equal(CK.pack_codes(stored, bits), packed)
     finally:
-        CK.PACK_CHUNK_ROWS = old
+        Q.PACK_CHUNK_ROWS = old
 
 
 @needs_cpu_kernels
@@ -372,3 +373,78 @@ def test_every_cpu_tuning_builds_kernels_that_compute_right(tuning, tmp_path, mo
         lib.chatglm_cpu_linear_bf16(x.data_ptr(), rows, weight.data_ptr(), bias.data_ptr(), out.data_ptr(), n, k, 2)
         want = F.linear(x.double(), weight.double(), bias.double())
         assert rel_err(out.double(), want) < 4e-3
+
+
+@needs_cpu_kernels
+def test_kernels_build_and_pass_their_self_check_without_avx512_bf16(tmp_path, monkeypatch):
+    """CPUs with AVX-512 VNNI but not BF16 (Cascade Lake, Ice Lake) get the bf16 dot products emulated: that build
+    passes the self-check too (quantized matmul and dequantize, bf16 GEMV with tails, decode attention)."""
+    monkeypatch.setattr(CK, "COMPILE_FLAGS", (*CK.COMPILE_FLAGS, "-mno-avx512bf16"))
+    monkeypatch.setattr(CK, "kernel_dir", lambda: str(tmp_path))
+    assert CK._build_and_load() is not None
+    assert "-mno-avx512bf16" in CK.compile_flags(CK.cpu_signature())
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("masked", (False, True))
+@pytest.mark.parametrize("length", (1, 7, 64, 65, 300))
+@pytest.mark.parametrize("groups", (1, 3, 16))
+def test_decode_attention_matches_sdpa_in_float64(length, groups, masked):
+    """One new token against a cache (batch 2, 2 key/value heads), the cache a view into a longer buffer (as a
+    static cache hands it over), optionally a bool key mask (left padding, random holes; the last key always
+    visible): equal to SDPA computed in float64, within the bf16 output's rounding."""
+    assert CK.load() is not None
+    gen = torch.Generator().manual_seed(length * 100 + groups)
+    q = torch.randn(2, 2 * groups, 1, 128, generator=gen).bfloat16() * 3
+    buffers = torch.randn(2, 2, 2, length + 5, 128, generator=gen).bfloat16()
+    k, v = buffers[0, :, :, :length], buffers[1, :, :, :length]
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 1, length, generator=gen) > 0.3
+        mask[0, ..., : length // 2] = False
+        mask[..., -1] = True
+    assert CK.decode_attention_takes(q, k, v, mask) and not k.is_contiguous()
+    want = F.scaled_dot_product_attention(q.double().view(2, 2, groups, 128), k.double(), v.double(), attn_mask=mask)
+    got = CK.decode_attention(q, k, v, mask)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert rel_err(got.double().view(2, 2, groups, 128), want) < 8e-3
+
+
+def test_decode_attention_takes_only_what_it_computes():
+    q, kv = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16), torch.zeros(1, 2, 9, 128, dtype=torch.bfloat16)
+    assert CK.decode_attention_takes(q, kv, kv)
+    assert not CK.decode_attention_takes(q.float(), kv.float(), kv.float())  # bf16 only
+    assert not CK.decode_attention_takes(torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16), kv, kv)  # one query row
+    assert not CK.decode_attention_takes(torch.zeros(1, 34, 1, 128, dtype=torch.bfloat16), kv, kv)  # 17 groups
+    assert not CK.decode_attention_takes(q[..., :96], kv[..., :96], kv[..., :96])  # head_dim % 64
+    assert not CK.decode_attention_takes(q, kv[:, :, :0], kv[:, :, :0])  # empty cache
+    assert not CK.decode_attention_takes(q, kv.transpose(2, 3), kv.transpose(2, 3))  # rows not contiguous
+    assert CK.decode_attention_takes(q, kv, kv, torch.ones(1, 1, 1, 9, dtype=torch.bool))
+    assert not CK.decode_attention_takes(q, kv, kv, torch.zeros(1, 1, 1, 9))  # additive masks: SDPA
+    assert not CK.decode_attention_takes(q, kv, kv, torch.ones(1, 1, 1, 8, dtype=torch.bool))  # wrong length
+
+
+@needs_cpu_kernels
+def test_model_decode_uses_the_attention_kernel_and_matches_sdpa(tmp_path, monkeypatch):
+    """bf16 greedy decode through the model, one prompt and a left-padded batch: the CPU attention kernel runs for
+    every layer and step of one new token, and the logits equal those of the same model with SDPA (the kernel
+    switched off) within bf16 noise."""
+    folder = make_model_dir(tmp_path, hidden_size=256, kv_channels=64, num_attention_heads=4, ffn_hidden_size=128)
+    model = load_model(folder).to(torch.bfloat16).eval()
+    lin = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".linear"]
+    takes, run = lin.cpu_kernel("attention")
+    padded, padded_mask = left_padded_batch()
+    for ids, mask in ((random_ids(batch=1, seq=12), None), (padded, padded_mask)):
+        calls = []
+        monkeypatch.setitem(lin._CPU_KERNELS, "attention",
+                            (takes, lambda q, k, v, m=None: calls.append(k.shape[2]) or run(q, k, v, m)))
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                      return_dict_in_generate=True)
+        with torch.no_grad():
+            got = model.generate(ids, **kwargs)
+            layers, prompt = model.config.num_layers, ids.shape[1]
+            assert calls == [prompt + step for step in range(1, 6) for _ in range(layers)]  # every step and layer
+            monkeypatch.setitem(lin._CPU_KERNELS, "attention", False)
+            want = model.generate(ids, **kwargs)
+        for a, b in zip(got.scores, want.scores):
+            assert rel_err(a, b) < 3e-2

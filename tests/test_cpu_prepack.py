@@ -35,10 +35,10 @@ def bf16_pair(tmp_path, request, monkeypatch):
     ref = copy.deepcopy(model)
     mod = _linear_module(model)
     if request.param == "gemv":
-        if mod.cpu_gemv_kernel() is None:
+        if mod.cpu_kernel("gemv") is None:
             pytest.skip("this package's CPU kernels do not build here (x86-64 with AVX-512 F/BW/VNNI and a C compiler)")
     else:
-        monkeypatch.setattr(mod, "_CPU_GEMV", False)  # as on a machine where they do not build
+        monkeypatch.setitem(mod._CPU_KERNELS, "gemv", False)  # as on a machine where they do not build
         if not mod.cpu_prepack_enabled():
             pytest.skip("no oneDNN bf16 prepacking on this machine/torch")
     return folder, model, ref

@@ -17,13 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import (CHILD_IMPORT, REPO, block_linears, copy_dir, dequantized_float_model, load_model, load_module,
+from support import (CHILD_IMPORT, REPO, block_linears, copy_dir, dequantized_float_model, load_model,
                      load_quantization_module, make_model_dir, quant_layer, quant_weight, quantization_module_of,
                      quiet_load, random_ids, reference_pack_int4, reference_quantize, reference_unpack_int4, rel_err,
                      write_code, write_config)
 
 Q = load_quantization_module()
-CK = load_module("cpu_kernels")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_BACKEND_FOR_BITS = {8: "cpu-int8pack", 4: "cpu-int4pack"}
 pytestmark = pytest.mark.usefixtures("automatic_quantization_backend")
@@ -170,12 +169,12 @@ def test_int4_cpu_layout_packed_once_and_state_dict_gives_back_stored_format():
     layer.pack()
     assert torch.equal(layer.stored_weight(), stored)
     # chunked packing equals packing in one go
-    old = CK.PACK_CHUNK_ROWS
+    old = Q.PACK_CHUNK_ROWS
     try:
-        CK.PACK_CHUNK_ROWS = 64
-        assert torch.equal(CK.KERNELS["cpu-int4pack"].pack(stored, 4).view(torch.int8), packed)
+        Q.PACK_CHUNK_ROWS = 64
+        assert torch.equal(Q.Int4Pack().pack(stored, 4).view(torch.int8), packed)
     finally:
-        CK.PACK_CHUNK_ROWS = old
+        Q.PACK_CHUNK_ROWS = old
     # unpack gives the stored weight back in the layer's own Parameter object
     assert layer.weight.original is original
     layer.unpack()
