@@ -151,8 +151,9 @@ def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
         # rows, so SDPA runs on [b, kv_heads, groups, d] against the cache as is -- no key/value copies, and
         # 2 large problems instead of 32 tiny ones (the CPU kernel is ~25x faster at 2k context).
         b, h, _, d = q.shape
-        if not dropout_p and q.device.type == "cpu" and not torch.is_grad_enabled():
-            kernel = cpu_kernel("attention")  # this package's CPU kernel: 2-3x SDPA's, most at long contexts
+        if not dropout_p and q.device.type == "cpu" and not torch.is_grad_enabled() and _reads_values():
+            # this package's CPU kernel: 2-2.5x SDPA's (an opaque call: not inside torch.compile / export graphs)
+            kernel = cpu_kernel("attention")
             if kernel is not None and kernel[0](q, k, v, mask):
                 return kernel[1](q, k, v, mask), None
         out = F.scaled_dot_product_attention(

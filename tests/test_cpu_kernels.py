@@ -448,3 +448,16 @@ def test_model_decode_uses_the_attention_kernel_and_matches_sdpa(tmp_path, monke
             want = model.generate(ids, **kwargs)
         for a, b in zip(got.scores, want.scores):
             assert rel_err(a, b) < 3e-2
+
+
+@needs_cpu_kernels
+def test_decode_attention_kernel_stays_out_of_compiled_graphs():
+    """Under torch.compile (fullgraph: an opaque ctypes call would break the graph) the decode step is SDPA's."""
+    attention = load_module("modeling_chatglm").ATTENTION_FUNCTIONS["sdpa"]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, 64, generator=gen).bfloat16() for heads, length in ((4, 1), (2, 9), (2, 9)))
+    with torch.no_grad():
+        got, _ = torch.compile(attention, fullgraph=True)(q, k, v, None, False, 0.0)
+        eager, _ = attention(q, k, v, None, False, 0.0)
+    want = F.scaled_dot_product_attention(q.double().view(1, 2, 2, 64), k.double(), v.double()).view(1, 4, 1, 64)
+    assert rel_err(got.double(), want) < 8e-3 and rel_err(eager.double(), want) < 8e-3
