@@ -340,7 +340,7 @@ void chatglm_cpu_linear_bf16(const uint16_t *x, int64_t m, const uint16_t *w, co
 /* ---- decode attention (one query row per head) ---------------------------------------------------------------- */
 
 /* e^x for x <= 0 (softmax after subtracting the max): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its
- * Taylor series to degree 6 (relative error < 2e-7); 0 below -87. */
+ * Taylor series to degree 6 (relative error < 2e-7); 0 below -87, NaN for NaN. */
 static inline __m512 exp_nonpositive(__m512 x) {
     const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -348,7 +348,8 @@ static inline __m512 exp_nonpositive(__m512 x) {
     __m512 p = _mm512_set1_ps(1.0f / 720);
     const float c[6] = {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
     for (int i = 0; i < 6; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+    return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  /* NaN stays NaN (as in SDPA) */
 }
 
 #define KEY_BLOCK 64  /* keys whose values are widened to fp32 at a time (64 * d * 4 bytes: stays in L1) */

@@ -461,3 +461,17 @@ def test_decode_attention_kernel_stays_out_of_compiled_graphs():
         eager, _ = attention(q, k, v, None, False, 0.0)
     want = F.scaled_dot_product_attention(q.double().view(1, 2, 2, 64), k.double(), v.double()).view(1, 4, 1, 64)
     assert rel_err(got.double(), want) < 8e-3 and rel_err(eager.double(), want) < 8e-3
+
+
+@needs_cpu_kernels
+def test_decode_attention_propagates_nan_like_sdpa():
+    """A NaN key (a broken cache entry) makes the rows that see it NaN, as SDPA does; a masked-out NaN key does not."""
+    assert CK.load() is not None
+    q, k, v = torch.randn(2, 4, 1, 64).bfloat16(), torch.randn(2, 2, 9, 64).bfloat16(), torch.randn(2, 2, 9, 64).bfloat16()
+    k[0, 1, 3, 5] = float("nan")
+    got = CK.decode_attention(q, k, v).view(2, 2, 2, 64)
+    want = F.scaled_dot_product_attention(q.float().view(2, 2, 2, 64), k.float(), v.float())
+    assert torch.equal(got.isnan(), want.isnan()) and got[0, 1].isnan().all() and not got[1].isnan().any()
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., 3] = False
+    assert not CK.decode_attention(q, k, v, mask).isnan().any()
