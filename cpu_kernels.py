@@ -281,32 +281,29 @@ static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x
     return dp_bf16(acc, _mm512_maskz_loadu_epi16(mask, w + c), _mm512_maskz_loadu_epi16(mask, x + c));
 }
 
-/* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once; two
- * accumulator chains per (row, input) (columns c and c + 32). */
+#define CHAINS (BF16_ROWS == 1 ? 2 : 1)  /* accumulator chains per (row, input): columns c, c + 32 (registers) */
+
+/* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once. */
 static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, int MC, const uint16_t *w, int R,
                                                             int64_t k, const uint16_t *bias, uint16_t *out,
                                                             int64_t n) {
-    __m512 acc[BF16_ROWS][4][2];
+    __m512 acc[BF16_ROWS][4][CHAINS];
     for (int r = 0; r < R; r++)
-        for (int i = 0; i < MC; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 64) {
-        const int64_t left = k - c;  /* masks for the row end (a zero mask loads nothing) */
-        const __mmask32 m0 = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
-        const __mmask32 m1 = left >= 64 ? 0xffffffffu : left <= 32 ? 0 : (__mmask32)((1u << (left - 32)) - 1);
-        for (int r = 0; r < R; r++) {
-            if (PREFETCH_ROW) {
-                _mm_prefetch((const char *)(w + r * k + c) + PREFETCH_ROW, _MM_HINT_T0);
-                _mm_prefetch((const char *)(w + r * k + c) + 64 + PREFETCH_ROW, _MM_HINT_T0);
+        for (int i = 0; i < MC; i++)
+            for (int h = 0; h < CHAINS; h++) acc[r][i][h] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 32 * CHAINS)
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < CHAINS; h++) {
+                const int64_t left = k - c - 32 * h;  /* the row end: masked (a zero mask loads nothing) */
+                const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
+                if (PREFETCH_ROW) _mm_prefetch((const char *)(w + r * k + c + 32 * h) + PREFETCH_ROW, _MM_HINT_T0);
+                for (int i = 0; i < MC; i++) acc[r][i][h] = dot32_bf16(acc[r][i][h], w + r * k, x + i * k, c + 32 * h, m);
             }
-            for (int i = 0; i < MC; i++) {
-                acc[r][i][0] = dot32_bf16(acc[r][i][0], w + r * k, x + i * k, c, m0);
-                acc[r][i][1] = dot32_bf16(acc[r][i][1], w + r * k, x + i * k, c + 32, m1);
-            }
-        }
-    }
     for (int r = 0; r < R; r++)
         for (int i = 0; i < MC; i++) {
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
+            __m512 a = acc[r][i][0];
+            for (int h = 1; h < CHAINS; h++) a = _mm512_add_ps(a, acc[r][i][h]);
+            float v = _mm512_reduce_add_ps(a);
             if (bias != NULL) {
                 union { uint32_t u; float f; } b = { .u = (uint32_t)bias[r] << 16 };
                 v += b.f;
@@ -469,8 +466,8 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # stream and each bf16 row (0 = none), and the bf16 rows read side by side per pass. Measured with in-process A/Bs
 # (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class)
 # 8 / 8 / 4 KiB, 4 rows; on the AMD EPYC Zen 4 (family 25) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, one row
-# (one sequential stream per pass: 1.55x the 4-row bf16 GEMV on Zen 5). CHATGLM_CPU_PREFETCH="int8,int4,row"
-# overrides the distances.
+# (one sequential stream: 1.55x the 4-row bf16 GEMV on Zen 5; on Zen 4 by analogy with its quantized streams, not
+# measured there). CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
 CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 4), "AuthenticAMD": (2048, 2048, 8192, 1),
               "AuthenticAMD 25": (2048, 2048, 8192, 1), "AuthenticAMD 26": (4096, 8192, 8192, 1)}
 _lib = None  # None: not tried yet; False: unavailable here
