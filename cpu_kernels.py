@@ -297,7 +297,8 @@ static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, i
                 const int64_t left = k - c - 32 * h;  /* the row end: masked (a zero mask loads nothing) */
                 const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
                 if (PREFETCH_ROW) _mm_prefetch((const char *)(w + r * k + c + 32 * h) + PREFETCH_ROW, _MM_HINT_T0);
-                for (int i = 0; i < MC; i++) acc[r][i][h] = dot32_bf16(acc[r][i][h], w + r * k, x + i * k, c + 32 * h, m);
+                for (int i = 0; i < MC; i++)
+                    acc[r][i][h] = dot32_bf16(acc[r][i][h], w + r * k, x + i * k, c + 32 * h, m);
             }
     for (int r = 0; r < R; r++)
         for (int i = 0; i < MC; i++) {
@@ -345,7 +346,8 @@ static inline __m512 exp_nonpositive(__m512 x) {
     __m512 p = _mm512_set1_ps(1.0f / 720);
     const float c[6] = {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
     for (int i = 0; i < 6; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
-    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+    const __mmask16 above = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(above, _mm512_scalef_ps(p, n));
     return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  /* NaN stays NaN (as in SDPA) */
 }
 
@@ -394,23 +396,29 @@ void chatglm_cpu_decode_attention(const uint16_t *q, const uint16_t *k, const ui
         for (int64_t l0 = 0; l0 < len; l0 += KEY_BLOCK) {
             const int64_t n = len - l0 < KEY_BLOCK ? len - l0 : KEY_BLOCK;
             for (int64_t l = 0; l < n; l++)
-                for (int64_t j = 0; j < d; j += 16) _mm512_storeu_ps(vf + l * d + j, load16(vt + (l0 + l) * vr, TYPE_BF16, j));
+                for (int64_t j = 0; j < d; j += 16)
+                    _mm512_storeu_ps(vf + l * d + j, load16(vt + (l0 + l) * vr, TYPE_BF16, j));
             for (int64_t i = 0; i < g; i += 2)  /* acc[i] += sum_l p[i][l] v[l], two rows and 64 columns at a time */
                 for (int64_t j = 0; j < d; j += 64) {
                     const int64_t i1 = i + 1 < g ? i + 1 : i;  /* (an odd last row is computed twice) */
                     __m512 a[2][4];
-                    for (int c = 0; c < 4; c++)
-                        a[0][c] = _mm512_loadu_ps(acc + i * d + j + 16 * c), a[1][c] = _mm512_loadu_ps(acc + i1 * d + j + 16 * c);
+                    for (int c = 0; c < 4; c++) {
+                        a[0][c] = _mm512_loadu_ps(acc + i * d + j + 16 * c);
+                        a[1][c] = _mm512_loadu_ps(acc + i1 * d + j + 16 * c);
+                    }
                     for (int64_t l = 0; l < n; l++) {
-                        const __m512 p0 = _mm512_set1_ps(s[16 * (l0 + l) + i]), p1 = _mm512_set1_ps(s[16 * (l0 + l) + i1]);
+                        const float *pl = s + 16 * (l0 + l);
+                        const __m512 p0 = _mm512_set1_ps(pl[i]), p1 = _mm512_set1_ps(pl[i1]);
                         for (int c = 0; c < 4; c++) {
                             const __m512 x = _mm512_loadu_ps(vf + l * d + j + 16 * c);
                             a[0][c] = _mm512_fmadd_ps(p0, x, a[0][c]);
                             a[1][c] = _mm512_fmadd_ps(p1, x, a[1][c]);
                         }
                     }
-                    for (int c = 0; c < 4; c++)
-                        _mm512_storeu_ps(acc + i * d + j + 16 * c, a[0][c]), _mm512_storeu_ps(acc + i1 * d + j + 16 * c, a[1][c]);
+                    for (int c = 0; c < 4; c++) {
+                        _mm512_storeu_ps(acc + i * d + j + 16 * c, a[0][c]);
+                        _mm512_storeu_ps(acc + i1 * d + j + 16 * c, a[1][c]);
+                    }
                 }
         }
         for (int64_t i = 0; i < g; i++)
@@ -465,11 +473,12 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
 # stream and each bf16 row (0 = none), and the bf16 rows read side by side per pass. Measured with in-process A/Bs
 # (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class)
-# 8 / 8 / 4 KiB, 4 rows; on the AMD EPYC Zen 4 (family 25) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, one row
-# (one sequential stream: 1.55x the 4-row bf16 GEMV on Zen 5; on Zen 4 by analogy with its quantized streams, not
-# measured there). CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
+# 8 / 8 / 4 KiB, 4 rows; on the AMD EPYC Zen 4 (family 25, the AMD default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 /
+# 8 KiB, one row (one sequential stream: 1.55x the 4-row bf16 GEMV on Zen 5; on Zen 4 by analogy with its quantized
+# streams, not measured there). CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
 CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 4), "AuthenticAMD": (2048, 2048, 8192, 1),
-              "AuthenticAMD 25": (2048, 2048, 8192, 1), "AuthenticAMD 26": (4096, 8192, 8192, 1)}
+              "AuthenticAMD 26": (4096, 8192, 8192, 1)}
+ATTENTION_KEY_BLOCK = 64  # KEY_BLOCK in CPU_SOURCE (sizes the decode attention's scratch)
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
 
@@ -533,7 +542,8 @@ def cpu_signature() -> str:
     """What -march=native compiles for: the CPU model and feature flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            return "".join(sorted({ln for ln in f if ln.startswith(("vendor_id", "cpu family", "model name", "flags"))}))
+            fields = ("vendor_id", "cpu family", "model name", "flags")
+            return "".join(sorted({ln for ln in f if ln.startswith(fields)}))
     except OSError:
         return platform.processor()
 
@@ -634,7 +644,7 @@ def _self_check(lib) -> bool:
             return False
     q, kv = torch.randn(1, 6, 1, 64, generator=gen).bfloat16(), torch.randn(2, 1, 2, 70, 64, generator=gen).bfloat16()
     want = F.scaled_dot_product_attention(q.double().view(1, 2, 3, 64), kv[0].double(), kv[1].double())
-    return bool((_decode_attention(lib, q, kv[0], kv[1]).double().view(1, 2, 3, 64) - want).abs().max() < 2e-2)
+    return bool((decode_attention(q, kv[0], kv[1], lib=lib).double().view(1, 2, 3, 64) - want).abs().max() < 2e-2)
 
 
 def load():
@@ -735,10 +745,8 @@ class Avx512:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# bf16 linear layers (unquantized models): decode GEMV on the weight as it is stored
+# bf16 decode: the GEMV of linear layers (on the weight as it is stored) and attention of one new token to the cache
 # ---------------------------------------------------------------------------------------------------------------------
 BF16_GEMV_MAX_ROWS = 4  # more input rows: torch's GEMM
 
@@ -762,9 +770,6 @@ def linear_bf16(x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Decode attention: one new token against the cache (SDPA's CPU kernel reads a long cache at a fraction of bandwidth)
-# ---------------------------------------------------------------------------------------------------------------------
 def decode_attention_takes(q, k, v, mask=None) -> bool:
     """Whether :func:`decode_attention` takes these: bf16 CPU tensors, one query row per head, up to 16 query heads
     per key/value head, head_dim a multiple of 64 up to 256, key/value rows contiguous; no mask, or a bool key mask
@@ -777,20 +782,16 @@ def decode_attention_takes(q, k, v, mask=None) -> bool:
                                   and tuple(mask.shape) == (q.shape[0], 1, 1, k.shape[2]))))
 
 
-def _decode_attention(lib, q, k, v, mask=None):
-    (b, heads, _, d), (heads_kv, length) = q.shape, k.shape[1:3]
-    q, out = q.contiguous(), torch.empty_like(q)
-    scratch = _scratch_buffer(b * heads_kv * (16 * length + 80 * d), torch.float32)
-    lib.chatglm_cpu_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads_kv,
-                                     heads // heads_kv, length, d, *k.stride()[:3], *v.stride()[:3],
-                                     None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-                                     d ** -0.5, scratch.data_ptr(), torch.get_num_threads())
-    return out
-
-
-def decode_attention(q, k, v, mask=None):
+def decode_attention(q, k, v, mask=None, lib=None):
     """``softmax(q k^T / sqrt(d)) v`` for one new token where :func:`decode_attention_takes` the tensors: q [b, heads,
     1, d], k / v [b, heads_kv, length, d] -> [b, heads, 1, d]; fp32 scores, softmax and sums, one rounding (as SDPA's
-    own CPU kernel). Call only where :func:`load` gave the library."""
-    return _decode_attention(_lib, q, k, v, mask)
-
+    own CPU kernel; SDPA reads a long cache at a fraction of the bandwidth). ``lib``: the library, by default the one
+    :func:`load` gave (call only where it did)."""
+    (b, heads, _, d), (heads_kv, length) = q.shape, k.shape[1:3]
+    q, out = q.contiguous(), torch.empty_like(q)
+    scratch = _scratch_buffer(b * heads_kv * (16 * length + (ATTENTION_KEY_BLOCK + 16) * d), torch.float32)
+    (lib or _lib).chatglm_cpu_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads_kv, heads // heads_kv, length, d,
+        *k.stride()[:3], *v.stride()[:3], None if mask is None else mask.data_ptr(),
+        0 if mask is None else mask.stride(0), d ** -0.5, scratch.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,6 +1,7 @@
-"""A/B of the cpu-avx512 decode kernels (BITS 8 / 4) or the bf16 GEMV (BITS 16) of several code folders (e.g. a git worktree of an older commit and .),
-per ChatGLM3-6B linear shape, in one process: alternating rounds, each layer's weight rotated over copies larger
-than 4x a 32 MB L3, medians; also torch.sum's read bandwidth measured between the rounds.
+"""A/B of the cpu-avx512 decode kernels (BITS 8 / 4) or the bf16 GEMV (BITS 16) of several code folders (e.g. a
+git worktree of an older commit and .), per ChatGLM3-6B linear shape, in one process: alternating rounds, each
+layer's weight rotated over copies larger than 4x a 32 MB L3, medians; also torch.sum's read bandwidth measured
+between the rounds.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_kernels_ab.py BITS M ROUNDS REPS DIR [DIR...]
     e.g. git worktree add /tmp/before <rev>; OMP_NUM_THREADS=2 python benchmarks/bench_kernels_ab.py 4 1 9 2 /tmp/before .
