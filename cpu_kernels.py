@@ -36,12 +36,13 @@ CPU_SOURCE = r"""
  * with the host's C compiler (-O3 -march=native, plus -fopenmp when available) by cpu_kernels.py.
  *
  * Weight layout ("codes"): each weight q is stored as the unsigned code u = q + OFFSET (OFFSET = 128 for int8, 8 for
- * int4), in chunks of 128 columns of one row (128 bytes for int8, 64 for int4), with the rows taken in groups of 4
- * whose chunks are interleaved: [N / 4][K / 128][4 rows][chunk].
+ * int4), in chunks of 128 columns of one row (128 bytes for int8, 64 for int4), with the rows taken in groups of
+ * GROUP_ROWS whose chunks are interleaved: [N / GROUP_ROWS][K / 128][GROUP_ROWS rows][chunk].
  *   int8: byte j of chunk t of a row is the code of column 128t + j (the stored weight with its sign bit flipped);
  *   int4: byte j (0..63) of chunk t holds column 128t + 64 + j in its high nibble and column 128t + j in its low one.
- * The decode kernel reads the 4 rows of a group together, so each pass over a group is one sequential stream (on the
- * AMD EPYC, Zen 4, that streams 1.2-1.5x faster than 4 row-major rows side by side; see benchmarks/README.md).
+ * The decode kernel reads 4 rows together: with GROUP_ROWS 4 (AMD) each pass is one sequential stream, 1.2-1.5x
+ * faster there than 4 row-major rows side by side; with GROUP_ROWS 1 (row-major, Intel) the 4 streams are what the
+ * Xeon's prefetchers follow faster (1.06x / 1.18x at 1 / 2 threads; see benchmarks/README.md).
  *
  * Decode (few input rows): each input row x is first written as fixed-point integers in groups of 128 columns,
  * x[c] ~= s_g * v[c] with |v| < 2^15 (2 pieces: bf16 / fp16 inputs) or < 2^23 (3 pieces: fp32 inputs), and v
@@ -62,14 +63,15 @@ CPU_SOURCE = r"""
 #endif
 
 #define ROWS 8          /* rows per block of output rows (one task of the thread split) */
-#define GROUP_ROWS 4    /* rows interleaved chunk by chunk in the layout (one pass of the decode kernel) */
 #define CHUNK 128       /* columns per chunk */
 #define GROUP CHUNK     /* columns per activation scale (one chunk) */
 /* Set by the build per CPU (-D, see cpu_tuning() in cpu_kernels.py): software prefetch distances in bytes (0: none,
  * the hardware prefetchers alone), PREFETCH_INT8 / PREFETCH_INT4 ahead in the quantized stream, PREFETCH_ROW ahead
- * of each bf16 row; BF16_ROWS, the bf16 weight rows read side by side in one pass. */
-#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW) || !defined(BF16_ROWS)
-#error "build with -DPREFETCH_INT8=.. -DPREFETCH_INT4=.. -DPREFETCH_ROW=.. -DBF16_ROWS=.. (cpu_kernels.compile_flags)"
+ * of each bf16 row; BF16_ROWS, the bf16 weight rows read side by side in one pass; GROUP_ROWS (1 or 4), the
+ * layout's rows per group. */
+#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW) || !defined(BF16_ROWS) \
+    || !defined(GROUP_ROWS)
+#error "build with the -D flags of cpu_kernels.compile_flags (PREFETCH_INT8/INT4/ROW, BF16_ROWS, GROUP_ROWS)"
 #endif
 
 enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_F16 = 2 };
@@ -462,7 +464,6 @@ void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void
 
 BLOCK_ROWS = 8  # out_features must be a multiple of it (ROWS in CPU_SOURCE: the threads split the rows in blocks)
 CHUNK = 128  # columns per chunk of the codes layout (CHUNK in CPU_SOURCE)
-GROUP_ROWS = 4  # rows interleaved chunk by chunk in the codes layout (GROUP_ROWS in CPU_SOURCE)
 GROUP = CHUNK  # input columns per fixed-point scale in the decode kernel (GROUP in CPU_SOURCE)
 GEMV_MAX_ROWS = 16  # inputs with more rows: dequantize in chunks and let torch's GEMM do the work
 DEQUANT_CHUNK_BYTES = 8 << 20  # bytes of weight dequantized at a time for that GEMM
@@ -471,21 +472,22 @@ PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces 
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
-# stream and each bf16 row (0 = none), and the bf16 rows read side by side per pass. Measured with in-process A/Bs
-# (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class)
-# 8 / 8 / 4 KiB, 4 rows; on the AMD EPYC Zen 4 (family 25, the AMD default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 /
-# 8 KiB, one row (one sequential stream: 1.55x the 4-row bf16 GEMV on Zen 5; on Zen 4 by analogy with its quantized
-# streams, not measured there). CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
-CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 4), "AuthenticAMD": (2048, 2048, 8192, 1),
-              "AuthenticAMD 26": (4096, 8192, 8192, 1)}
+# stream and each bf16 row (0 = none), the bf16 rows read side by side per pass and the codes layout's GROUP_ROWS.
+# Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel
+# Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, 4 rows, row-major codes; on the AMD EPYC Zen 4 (family 25, the AMD
+# default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, one row (one sequential stream: 1.55x the 4-row bf16 GEMV
+# on Zen 5; on Zen 4 by analogy with its quantized streams, not measured there), interleaved groups of 4 rows.
+# CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
+CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 4, 1), "AuthenticAMD": (2048, 2048, 8192, 1, 4),
+              "AuthenticAMD 26": (4096, 8192, 8192, 1, 4)}
 ATTENTION_KEY_BLOCK = 64  # KEY_BLOCK in CPU_SOURCE (sizes the decode attention's scratch)
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
 
 
-def pack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_codes(stored: torch.Tensor, bits: int, group_rows: int) -> torch.Tensor:
     """Stored format [N, K*bits/8] -> the "codes" layout of CPU_SOURCE (flat int8): unsigned codes in chunks of
-    CHUNK columns, GROUP_ROWS rows interleaved chunk by chunk."""
+    CHUNK columns, ``group_rows`` rows (GROUP_ROWS) interleaved chunk by chunk."""
 
     def pack_rows(rows_in):
         n = rows_in.shape[0]
@@ -495,16 +497,16 @@ def pack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
             nib = (unpack_int4(rows_in) + 8).view(torch.uint8).reshape(n, -1, 2, CHUNK // 2)  # [row, chunk, half, j]
             codes = nib[:, :, 0] | (nib[:, :, 1] << 4)
         cb = CHUNK * bits // 8
-        grouped = codes.reshape(n // GROUP_ROWS, GROUP_ROWS, -1, cb).transpose(1, 2)
+        grouped = codes.reshape(n // group_rows, group_rows, -1, cb).transpose(1, 2)
         return grouped.contiguous().view(torch.int8).reshape(-1)
 
     return in_row_chunks(pack_rows, stored)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int, group_rows: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: codes layout -> stored format [N, K*bits/8]."""
     cb = CHUNK * bits // 8
-    codes = packed.view(torch.uint8).reshape(n // GROUP_ROWS, k // CHUNK, GROUP_ROWS, cb).transpose(1, 2)
+    codes = packed.view(torch.uint8).reshape(n // group_rows, k // CHUNK, group_rows, cb).transpose(1, 2)
     codes = codes.reshape(n, k // CHUNK, cb)
     if bits == 8:
         return (codes.reshape(n, k) ^ 0x80).view(torch.int8)
@@ -549,10 +551,11 @@ def cpu_signature() -> str:
 
 
 def cpu_tuning(signature: str):
-    """(int8, int4, row) prefetch distances in bytes and the bf16 rows per pass for this CPU (``CPU_TUNING``)."""
+    """(int8, int4, row) prefetch distances in bytes, the bf16 rows per pass and the codes layout's rows per group for
+    this CPU (``CPU_TUNING``)."""
     vendor = next((v for v in ("GenuineIntel", "AuthenticAMD") if v in signature), "GenuineIntel")
     family = next((ln.split(":")[1].strip() for ln in signature.splitlines() if ln.startswith("cpu family")), "")
-    *distances, rows = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
+    *distances, rows, group_rows = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
     override = os.environ.get("CHATGLM_CPU_PREFETCH")
     if override:
         values = override.split(",")
@@ -560,13 +563,12 @@ def cpu_tuning(signature: str):
             raise ValueError(f"CHATGLM_CPU_PREFETCH must be three byte counts >= 0, 'int8,int4,row' (e.g. "
                              f"8192,8192,4096); got {override!r}")
         distances = [int(v) for v in values]
-    return (*distances, rows)
+    return (*distances, rows, group_rows)
 
 
 def compile_flags(signature: str):
-    int8, int4, row, rows = cpu_tuning(signature)
-    return (*COMPILE_FLAGS, f"-DPREFETCH_INT8={int8}", f"-DPREFETCH_INT4={int4}", f"-DPREFETCH_ROW={row}",
-            f"-DBF16_ROWS={rows}")
+    names = ("PREFETCH_INT8", "PREFETCH_INT4", "PREFETCH_ROW", "BF16_ROWS", "GROUP_ROWS")
+    return (*COMPILE_FLAGS, *(f"-D{name}={value}" for name, value in zip(names, cpu_tuning(signature))))
 
 
 def library_path(compiler: str, signature: str) -> str:
@@ -606,7 +608,7 @@ def _compile(compiler: str, path: str, flags) -> bool:
     return False
 
 
-def _self_check(lib) -> bool:
+def _self_check(lib, group_rows: int) -> bool:
     """A small matmul (fp32 and bf16 inputs, 1 and 3 rows) and dequantize against plain torch: refuse a library
     that computes anything else."""
     gen = torch.Generator().manual_seed(0)
@@ -615,8 +617,8 @@ def _self_check(lib) -> bool:
         stored = torch.randint(-128, 128, (n, k * bits // 8), generator=gen, dtype=torch.int8)
         scale = torch.rand(n, generator=gen).bfloat16()
         weight = (unpack_int4(stored) if bits == 4 else stored).double() * scale.double()[:, None]  # exact
-        packed = pack_codes(stored, bits)
-        if not torch.equal(unpack_codes(packed, bits, n, k), stored):
+        packed = pack_codes(stored, bits, group_rows)
+        if not torch.equal(unpack_codes(packed, bits, n, k, group_rows), stored):
             return False
         scale32 = scale.float()  # (every tensor whose address the library gets is held by a name)
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
@@ -686,7 +688,8 @@ def _build_and_load():
         for name, argtypes in signatures.items():
             function = getattr(lib, f"chatglm_cpu_{name}")
             function.argtypes, function.restype = argtypes, None
-        ok = _self_check(lib)
+        lib.group_rows = cpu_tuning(signature)[4]  # the codes layout this build reads
+        ok = _self_check(lib, lib.group_rows)
     except OSError as e:  # a damaged cached library: remove it so that the next process rebuilds it
         logger.info("could not load the CPU quantization kernels from %s: %s", path, e)
         with contextlib.suppress(OSError):
@@ -713,10 +716,10 @@ class Avx512:
                 and load() is not None)
 
     def pack(self, stored, bits):
-        return pack_codes(stored, bits)
+        return pack_codes(stored, bits, load().group_rows)
 
     def unpack(self, packed, bits, out_features, in_features):
-        return unpack_codes(packed, bits, out_features, in_features)
+        return unpack_codes(packed, bits, out_features, in_features, load().group_rows)
 
     def scales(self, scale, in_features, dtype):
         return scale.to(torch.float32).contiguous()  # exact: the model-dtype scales widened

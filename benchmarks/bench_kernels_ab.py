@@ -1,7 +1,8 @@
 """A/B of the cpu-avx512 decode kernels (BITS 8 / 4) or the bf16 GEMV (BITS 16) of several code folders (e.g. a
 git worktree of an older commit and .), per ChatGLM3-6B linear shape, in one process: alternating rounds, each
-layer's weight rotated over copies larger than 4x a 32 MB L3, medians; also torch.sum's read bandwidth measured
-between the rounds.
+layer's weight rotated over copies larger than 4x the last-level cache (L3_MB, default 32; the Xeon with AMX
+reports 480), medians; also torch.sum's read bandwidth (over twice that cache, at least 512 MiB) measured between
+the rounds.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_kernels_ab.py BITS M ROUNDS REPS DIR [DIR...]
     e.g. git worktree add /tmp/before <rev>; OMP_NUM_THREADS=2 python benchmarks/bench_kernels_ab.py 4 1 9 2 /tmp/before .
@@ -12,7 +13,7 @@ import torch
 bits, M, rounds, reps = (int(a) for a in sys.argv[1:5])
 dirs = [os.path.abspath(d) for d in sys.argv[5:]]
 SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)]
-L3 = 32 << 20
+L3 = int(os.environ.get("L3_MB", "32")) << 20
 mods = []
 for i, d in enumerate(dirs):
     pkg = types.ModuleType(f"rc{i}"); pkg.__path__ = [d]; sys.modules[f"rc{i}"] = pkg
@@ -54,7 +55,7 @@ for n, k in SHAPES:
         err = (o - outs[0]).abs().max().item() / outs[0].abs().max().item()
         assert err < 2e-2, err
 times = {key: [] for key in layers}
-big = torch.ones(1 << 27)  # 512 MiB fp32
+big = torch.ones(max(1 << 27, L3 // 2))  # fp32: at least 512 MiB and twice the cache
 bw = []
 with torch.inference_mode():
     for r in range(rounds):

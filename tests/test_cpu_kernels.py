@@ -45,31 +45,34 @@ def test_cpu_kernels_are_used_where_the_host_can_build_them():
         assert Q.quantization_backend() == "cpu-avx512"
 
 
+@pytest.mark.parametrize("group_rows", (1, 4))
 @pytest.mark.parametrize("bits", (8, 4))
-def test_codes_layout_matches_its_description(bits):
-    """The layout as CPU_SOURCE's comment describes it, checked line by line from the int values."""
+def test_codes_layout_matches_its_description(bits, group_rows):
+    """The layout as CPU_SOURCE's comment describes it, checked line by line from the int values (row-major codes on
+    Intel, groups of 4 interleaved rows on AMD)."""
     n, k = 24, 256
     gen = torch.Generator().manual_seed(bits)
     qmax = 127 if bits == 8 else 7
     q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
     stored = q.clone() if bits == 8 else reference_pack_int4(q)
-    packed = CK.pack_codes(stored, bits)
+    packed = CK.pack_codes(stored, bits, group_rows)
     assert packed.numel() == stored.numel() and packed.dtype == torch.int8
-    # [N/4][K/128][4 rows][128 columns of one row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
-    chunks = packed.view(torch.uint8).reshape(n // 4, k // 128, 4, 128 * bits // 8).to(torch.int16)
+    # [N/G][K/128][G rows][128 columns of one row: 128 bytes (int8) or 64 (int4)], unsigned codes u = q + offset
+    g = group_rows
+    chunks = packed.view(torch.uint8).reshape(n // g, k // 128, g, 128 * bits // 8).to(torch.int16)
     codes = q.to(torch.int16) + (128 if bits == 8 else 8)
     for r in range(n):
         for t in range(k // 128):
-            line, row = chunks[r // 4, t, r % 4], codes[r, t * 128:(t + 1) * 128]
+            line, row = chunks[r // g, t, r % g], codes[r, t * 128:(t + 1) * 128]
             if bits == 8:
                 assert torch.equal(line, row)
             else:  # byte j: column j in the low nibble, column 64 + j in the high nibble
                 assert torch.equal(line & 0xF, row[:64]) and torch.equal(line >> 4, row[64:])
-    assert torch.equal(CK.unpack_codes(packed, bits, n, k), stored)
+    assert torch.equal(CK.unpack_codes(packed, bits, n, k, group_rows), stored)
     old = Q.PACK_CHUNK_ROWS
     try:
         Q.PACK_CHUNK_ROWS = 8  # chunked packing equals packing in one go
-        assert torch.equal(CK.pack_codes(stored, bits), packed)
+        assert torch.equal(CK.pack_codes(stored, bits, group_rows), packed)
     finally:
         Q.PACK_CHUNK_ROWS = old
 
@@ -349,7 +352,7 @@ def test_cpu_tuning_is_chosen_by_vendor_and_family(monkeypatch):
     assert CK.cpu_tuning(zen5.replace(": 26", ": 27")) == CK.CPU_TUNING["AuthenticAMD"]  # an unlisted family
     assert CK.cpu_tuning("cpu family\t: 6\nvendor_id\t: GenuineIntel\n") == CK.CPU_TUNING["GenuineIntel"]
     monkeypatch.setenv("CHATGLM_CPU_PREFETCH", "0,512,1024")
-    assert CK.cpu_tuning(zen5) == (0, 512, 1024, CK.CPU_TUNING["AuthenticAMD 26"][3])
+    assert CK.cpu_tuning(zen5) == (0, 512, 1024, *CK.CPU_TUNING["AuthenticAMD 26"][3:])
     monkeypatch.setenv("CHATGLM_CPU_PREFETCH", "1,2")
     with pytest.raises(ValueError, match="CHATGLM_CPU_PREFETCH"):
         CK.cpu_tuning(zen5)
@@ -358,8 +361,9 @@ def test_cpu_tuning_is_chosen_by_vendor_and_family(monkeypatch):
 @needs_cpu_kernels
 @pytest.mark.parametrize("tuning", sorted(set(CK.CPU_TUNING.values())))
 def test_every_cpu_tuning_builds_kernels_that_compute_right(tuning, tmp_path, monkeypatch):
-    """Each tuning in the table (prefetch distances, bf16 rows per pass), built on this host: the self-check passes
-    and the bf16 GEMV equals F.linear on shapes with row and column tails."""
+    """Each tuning in the table (prefetch distances, bf16 rows per pass, codes layout), built on this host: the
+    self-check passes (it packs in that tuning's layout) and the bf16 GEMV equals F.linear on shapes with row and
+    column tails."""
     monkeypatch.delenv("CHATGLM_CPU_PREFETCH", raising=False)
     monkeypatch.setattr(CK, "cpu_tuning", lambda signature: tuning)
     monkeypatch.setattr(CK, "kernel_dir", lambda: str(tmp_path))
