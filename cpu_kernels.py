@@ -474,11 +474,11 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
 # stream and each bf16 row (0 = none), the bf16 rows read side by side per pass and the codes layout's GROUP_ROWS.
 # Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel
-# Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, 4 rows, row-major codes; on the AMD EPYC Zen 4 (family 25, the AMD
-# default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, one row (one sequential stream: 1.55x the 4-row bf16 GEMV
-# on Zen 5; on Zen 4 by analogy with its quantized streams, not measured there), interleaved groups of 4 rows.
+# Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, row-major codes; on the AMD EPYC Zen 4 (family 25, the AMD default)
+# 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, interleaved groups of 4 rows. One bf16 row per pass everywhere (one
+# sequential stream: 1.55x the 4-row GEMV on Zen 5, 1.07x / 1.04x at 1 / 2 threads on the Xeon; Zen 4 not measured).
 # CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
-CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 4, 1), "AuthenticAMD": (2048, 2048, 8192, 1, 4),
+CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 1, 1), "AuthenticAMD": (2048, 2048, 8192, 1, 4),
               "AuthenticAMD 26": (4096, 8192, 8192, 1, 4)}
 ATTENTION_KEY_BLOCK = 64  # KEY_BLOCK in CPU_SOURCE (sizes the decode attention's scratch)
 _lib = None  # None: not tried yet; False: unavailable here
