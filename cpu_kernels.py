@@ -40,9 +40,8 @@ CPU_SOURCE = r"""
  * GROUP_ROWS whose chunks are interleaved: [N / GROUP_ROWS][K / 128][GROUP_ROWS rows][chunk].
  *   int8: byte j of chunk t of a row is the code of column 128t + j (the stored weight with its sign bit flipped);
  *   int4: byte j (0..63) of chunk t holds column 128t + 64 + j in its high nibble and column 128t + j in its low one.
- * The decode kernel reads 4 rows together: with GROUP_ROWS 4 (AMD) each pass is one sequential stream, 1.2-1.5x
- * faster there than 4 row-major rows side by side; with GROUP_ROWS 1 (row-major, Intel) the 4 streams are what the
- * Xeon's prefetchers follow faster (1.06x / 1.18x at 1 / 2 threads; see benchmarks/README.md).
+ * The decode kernel reads 4 rows together: one sequential stream with GROUP_ROWS 4 (1.2-1.5x faster on AMD EPYCs),
+ * 4 row-major streams with GROUP_ROWS 1 (1.07-1.23x faster on the Intel Xeon; see benchmarks/README.md).
  *
  * Decode (few input rows): each input row x is first written as fixed-point integers in groups of 128 columns,
  * x[c] ~= s_g * v[c] with |v| < 2^15 (2 pieces: bf16 / fp16 inputs) or < 2^23 (3 pieces: fp32 inputs), and v
@@ -472,14 +471,15 @@ PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces 
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
-# stream and each bf16 row (0 = none), the bf16 rows read side by side per pass and the codes layout's GROUP_ROWS.
+# stream and each bf16 row (0 = none), the bf16 rows read side by side per pass, the codes layout's GROUP_ROWS, and
+# whether the decode attention kernel beats SDPA (2.0-2.5x on Zen 5; 0.67-0.87x on the Xeon: SDPA there).
 # Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel
 # Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, row-major codes; on the AMD EPYC Zen 4 (family 25, the AMD default)
 # 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, interleaved groups of 4 rows. One bf16 row per pass everywhere (one
 # sequential stream: 1.55x the 4-row GEMV on Zen 5, 1.07x / 1.04x at 1 / 2 threads on the Xeon; Zen 4 not measured).
 # CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
-CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 1, 1), "AuthenticAMD": (2048, 2048, 8192, 1, 4),
-              "AuthenticAMD 26": (4096, 8192, 8192, 1, 4)}
+CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 1, 1, False), "AuthenticAMD": (2048, 2048, 8192, 1, 4, True),
+              "AuthenticAMD 26": (4096, 8192, 8192, 1, 4, True)}
 ATTENTION_KEY_BLOCK = 64  # KEY_BLOCK in CPU_SOURCE (sizes the decode attention's scratch)
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
@@ -551,11 +551,11 @@ def cpu_signature() -> str:
 
 
 def cpu_tuning(signature: str):
-    """(int8, int4, row) prefetch distances in bytes, the bf16 rows per pass and the codes layout's rows per group for
-    this CPU (``CPU_TUNING``)."""
+    """(int8, int4, row) prefetch distances in bytes, the bf16 rows per pass, the codes layout's rows per group and
+    whether to run the decode attention kernel, for this CPU (``CPU_TUNING``)."""
     vendor = next((v for v in ("GenuineIntel", "AuthenticAMD") if v in signature), "GenuineIntel")
     family = next((ln.split(":")[1].strip() for ln in signature.splitlines() if ln.startswith("cpu family")), "")
-    *distances, rows, group_rows = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
+    *distances, rows, group_rows, attention = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
     override = os.environ.get("CHATGLM_CPU_PREFETCH")
     if override:
         values = override.split(",")
@@ -563,12 +563,12 @@ def cpu_tuning(signature: str):
             raise ValueError(f"CHATGLM_CPU_PREFETCH must be three byte counts >= 0, 'int8,int4,row' (e.g. "
                              f"8192,8192,4096); got {override!r}")
         distances = [int(v) for v in values]
-    return (*distances, rows, group_rows)
+    return (*distances, rows, group_rows, attention)
 
 
 def compile_flags(signature: str):
     names = ("PREFETCH_INT8", "PREFETCH_INT4", "PREFETCH_ROW", "BF16_ROWS", "GROUP_ROWS")
-    return (*COMPILE_FLAGS, *(f"-D{name}={value}" for name, value in zip(names, cpu_tuning(signature))))
+    return (*COMPILE_FLAGS, *(f"-D{name}={value}" for name, value in zip(names, cpu_tuning(signature)[:5])))
 
 
 def library_path(compiler: str, signature: str) -> str:
@@ -688,7 +688,7 @@ def _build_and_load():
         for name, argtypes in signatures.items():
             function = getattr(lib, f"chatglm_cpu_{name}")
             function.argtypes, function.restype = argtypes, None
-        lib.group_rows = cpu_tuning(signature)[4]  # the codes layout this build reads
+        lib.group_rows, lib.attention = cpu_tuning(signature)[4:]  # the codes layout this build reads; see CPU_TUNING
         ok = _self_check(lib, lib.group_rows)
     except OSError as e:  # a damaged cached library: remove it so that the next process rebuilds it
         logger.info("could not load the CPU quantization kernels from %s: %s", path, e)

@@ -29,6 +29,9 @@ Needs ``llama_cpp`` (llama-cpp-python, ideally built here: ``CMAKE_ARGS="-DGGML_
 llama-cpp-python==0.3.36 --no-binary llama-cpp-python``), ``gguf``, and the llama-cpp-python sdist (``--sdist``, else
 ``$LLAMA_CPP_PYTHON_SDIST``, else ``~/.cache/chatglm3-tests/llama_cpp_python-*.tar.gz``; get it with
 ``pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36``); it exits with a "skipped" message otherwise.
+On CPUs with AMX, llama.cpp 0.3.36's AMX matmul crashes on prompt batches (upstream issue #20824): build it without
+AMX, keeping its repacked AVX-512 kernels (``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON"``); the bench warns when the build has AMX.
 
 Examples::
 
@@ -311,6 +314,9 @@ def bench(args):
             "tokenizer_model": str(tok_model), "gguf_files": {k: str(v) for k, v in ggufs.items()},
             "llama_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(), **prep_times}
+    if "AMX_INT8 = 1" in meta["llama_system_info"]:
+        log("warning: this llama.cpp build has AMX, whose matmul crashes on prompt batches (llama.cpp issue #20824); "
+            "see the module docstring for a build without it")
     bw = {}
     for t in args.threads:
         torch.set_num_threads(t)

@@ -2,6 +2,7 @@
 the codes layout against its description, accuracy against the dequantized weight, bit-exact dequantization,
 threads, the layout's life cycle, the model through them, and the ways a build can fail and fall back."""
 import copy
+import importlib
 import os
 import subprocess
 import sys
@@ -435,8 +436,9 @@ def test_model_decode_uses_the_attention_kernel_and_matches_sdpa(tmp_path, monke
     switched off) within bf16 noise."""
     folder = make_model_dir(tmp_path, hidden_size=256, kv_channels=64, num_attention_heads=4, ffn_hidden_size=128)
     model = load_model(folder).to(torch.bfloat16).eval()
-    lin = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".linear"]
-    takes, run = lin.cpu_kernel("attention")
+    package = type(model).__module__.rsplit(".", 1)[0]
+    lin, ck = sys.modules[package + ".linear"], importlib.import_module(package + ".cpu_kernels")
+    takes, run = ck.decode_attention_takes, ck.decode_attention  # (also where CPU_TUNING prefers SDPA)
     padded, padded_mask = left_padded_batch()
     for ids, mask in ((random_ids(batch=1, seq=12), None), (padded, padded_mask)):
         calls = []
@@ -452,6 +454,19 @@ def test_model_decode_uses_the_attention_kernel_and_matches_sdpa(tmp_path, monke
             want = model.generate(ids, **kwargs)
         for a, b in zip(got.scores, want.scores):
             assert rel_err(a, b) < 3e-2
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("wins", (True, False))
+def test_decode_attention_kernel_runs_only_where_the_tuning_says_it_beats_sdpa(wins, monkeypatch):
+    """CPU_TUNING's last entry decides whether the model's decode step takes the kernel (AMD) or SDPA (Intel, where
+    SDPA's own kernel measured faster); the bf16 GEMV is there either way."""
+    lin, lib = load_module("linear"), load_module("cpu_kernels").load()
+    vendor = "GenuineIntel" if "GenuineIntel" in CK.cpu_signature() else "AuthenticAMD"
+    assert lib.attention == (vendor == "AuthenticAMD")  # this machine's entry
+    monkeypatch.setattr(lib, "attention", wins)
+    monkeypatch.setattr(lin, "_CPU_KERNELS", {})
+    assert (lin.cpu_kernel("attention") is not None) == wins and lin.cpu_kernel("gemv") is not None
 
 
 @needs_cpu_kernels
