@@ -472,12 +472,12 @@ REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
 # stream and each bf16 row (0 = none), the bf16 rows read side by side per pass, the codes layout's GROUP_ROWS, and
-# whether the decode attention kernel beats SDPA (2.0-2.5x on Zen 5; 0.67-0.87x on the Xeon: SDPA there).
-# Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py; results/kernels_*.txt, prefetch_*.txt): on the Intel
-# Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, row-major codes; on the AMD EPYC Zen 4 (family 25, the AMD default)
-# 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, interleaved groups of 4 rows. One bf16 row per pass everywhere (one
-# sequential stream: 1.55x the 4-row GEMV on Zen 5, 1.07x / 1.04x at 1 / 2 threads on the Xeon; Zen 4 not measured).
-# CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
+# whether the decode attention kernel beats SDPA (2.0-2.5x on Zen 5; 0.67-0.87x on the Xeon, where vdpbf16ps has half
+# the fp32 FMA's multiply-add rate: SDPA there). Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py;
+# results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, row-major codes; on
+# the AMD EPYC Zen 4 (family 25, the AMD default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, interleaved groups
+# of 4 rows. One bf16 row per pass everywhere (one sequential stream: 1.55x the 4-row GEMV on Zen 5, 1.04-1.07x on the
+# Xeon); CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
 CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 1, 1, False), "AuthenticAMD": (2048, 2048, 8192, 1, 4, True),
               "AuthenticAMD 26": (4096, 8192, 8192, 1, 4, True)}
 ATTENTION_KEY_BLOCK = 64  # KEY_BLOCK in CPU_SOURCE (sizes the decode attention's scratch)
