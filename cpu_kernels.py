@@ -472,7 +472,7 @@ REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
 # stream and each bf16 row (0 = none), the bf16 rows read side by side per pass, the codes layout's GROUP_ROWS, and
-# whether the decode attention kernel beats SDPA (2.0-2.5x on Zen 5; 0.67-0.87x on the Xeon, where vdpbf16ps has half
+# whether the decode attention kernel beats SDPA (2.0-2.5x on Zen 5; 0.66-1.04x on the Xeon, where vdpbf16ps has half
 # the fp32 FMA's multiply-add rate: SDPA there). Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py;
 # results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, row-major codes; on
 # the AMD EPYC Zen 4 (family 25, the AMD default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, interleaved groups
