@@ -66,11 +66,9 @@ CPU_SOURCE = r"""
 #define GROUP CHUNK     /* columns per activation scale (one chunk) */
 /* Set by the build per CPU (-D, see cpu_tuning() in cpu_kernels.py): software prefetch distances in bytes (0: none,
  * the hardware prefetchers alone), PREFETCH_INT8 / PREFETCH_INT4 ahead in the quantized stream, PREFETCH_ROW ahead
- * of each bf16 row; BF16_ROWS, the bf16 weight rows read side by side in one pass; GROUP_ROWS (1 or 4), the
- * layout's rows per group. */
-#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW) || !defined(BF16_ROWS) \
-    || !defined(GROUP_ROWS)
-#error "build with the -D flags of cpu_kernels.compile_flags (PREFETCH_INT8/INT4/ROW, BF16_ROWS, GROUP_ROWS)"
+ * of each bf16 row; GROUP_ROWS (1 or 4), the layout's rows per group. */
+#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW) || !defined(GROUP_ROWS)
+#error "build with the -D flags of cpu_kernels.compile_flags (PREFETCH_INT8/INT4/ROW, GROUP_ROWS)"
 #endif
 
 enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_F16 = 2 };
@@ -282,51 +280,36 @@ static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x
     return dp_bf16(acc, _mm512_maskz_loadu_epi16(mask, w + c), _mm512_maskz_loadu_epi16(mask, x + c));
 }
 
-#define CHAINS (BF16_ROWS == 1 ? 2 : 1)  /* accumulator chains per (row, input): columns c, c + 32 (registers) */
-
-/* Rows r .. r+R-1 of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once. */
-static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *x, int MC, const uint16_t *w, int R,
-                                                            int64_t k, const uint16_t *bias, uint16_t *out,
-                                                            int64_t n) {
-    __m512 acc[BF16_ROWS][4][CHAINS];
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < MC; i++)
-            for (int h = 0; h < CHAINS; h++) acc[r][i][h] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 32 * CHAINS)
-        for (int r = 0; r < R; r++)
-            for (int h = 0; h < CHAINS; h++) {
-                const int64_t left = k - c - 32 * h;  /* the row end: masked (a zero mask loads nothing) */
-                const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
-                if (PREFETCH_ROW) _mm_prefetch((const char *)(w + r * k + c + 32 * h) + PREFETCH_ROW, _MM_HINT_T0);
-                for (int i = 0; i < MC; i++)
-                    acc[r][i][h] = dot32_bf16(acc[r][i][h], w + r * k, x + i * k, c + 32 * h, m);
-            }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < MC; i++) {
-            __m512 a = acc[r][i][0];
-            for (int h = 1; h < CHAINS; h++) a = _mm512_add_ps(a, acc[r][i][h]);
-            float v = _mm512_reduce_add_ps(a);
-            if (bias != NULL) {
-                union { uint32_t u; float f; } b = { .u = (uint32_t)bias[r] << 16 };
-                v += b.f;
-            }
-            store1(out, TYPE_BF16, i * n + r, v);
+/* Row w of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once; two accumulator chains
+ * per input (columns c and c + 32): one sequential stream per pass, the fastest on every CPU measured. */
+static inline __attribute__((always_inline)) void row_bf16(const uint16_t *x, int MC, const uint16_t *w, int64_t k,
+                                                           const uint16_t *bias, uint16_t *out, int64_t n) {
+    __m512 acc[4][2];
+    for (int i = 0; i < MC; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 64)
+        for (int h = 0; h < 2; h++) {
+            const int64_t left = k - c - 32 * h;  /* the row end: masked (a zero mask loads nothing) */
+            const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
+            if (PREFETCH_ROW) _mm_prefetch((const char *)(w + c + 32 * h) + PREFETCH_ROW, _MM_HINT_T0);
+            for (int i = 0; i < MC; i++) acc[i][h] = dot32_bf16(acc[i][h], w, x + i * k, c + 32 * h, m);
         }
+    for (int i = 0; i < MC; i++) {
+        float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        if (bias != NULL) {
+            union { uint32_t u; float f; } b = { .u = (uint32_t)bias[0] << 16 };
+            v += b.f;
+        }
+        store1(out, TYPE_BF16, i * n, v);
+    }
 }
 
 /* out [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]), all bf16, w row-major as stored (no layout of its own); m <= 4.
- * fp32 accumulation, one rounding. Rows in groups of BF16_ROWS (each thread takes a contiguous range). */
+ * fp32 accumulation, one rounding. Each thread takes a contiguous range of rows. */
 void chatglm_cpu_linear_bf16(const uint16_t *x, int64_t m, const uint16_t *w, const uint16_t *bias, uint16_t *out,
                              int64_t n, int64_t k, int threads) {
 #define ROWS_BF16(MC)                                                                                          \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
-    for (int64_t b = 0; b < (n + BF16_ROWS - 1) / BF16_ROWS; b++) {                                          \
-        const int64_t r = BF16_ROWS * b;                                                                      \
-        const uint16_t *bb = bias == NULL ? NULL : bias + r;                                                  \
-        if (n - r >= BF16_ROWS) rows_bf16(x, MC, w + r * k, BF16_ROWS, k, bb, out + r, n);                    \
-        else for (int64_t j = r; j < n; j++) rows_bf16(x, MC, w + j * k, 1, k, bias == NULL ? NULL : bias + j, \
-                                                       out + j, n);                                          \
-    }
+    for (int64_t r = 0; r < n; r++) row_bf16(x, MC, w + r * k, k, bias == NULL ? NULL : bias + r, out + r, n);
     switch (m) {
     case 1: { ROWS_BF16(1) } break;
     case 2: { ROWS_BF16(2) } break;
@@ -471,15 +454,15 @@ PIECES = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2}  # int8 pieces 
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo names
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pipe", "-x", "c")
 # Per CPU (vendor, or vendor and family): software prefetch distances in bytes ahead in the int8 stream, the int4
-# stream and each bf16 row (0 = none), the bf16 rows read side by side per pass, the codes layout's GROUP_ROWS, and
+# stream and each bf16 row (0 = none), the codes layout's GROUP_ROWS, and
 # whether the decode attention kernel beats SDPA (2.0-2.5x on Zen 5; 0.66-1.04x on the Xeon, where vdpbf16ps has half
 # the fp32 FMA's multiply-add rate: SDPA there). Measured with in-process A/Bs (benchmarks/bench_kernels_ab.py;
 # results/kernels_*.txt, prefetch_*.txt): on the Intel Xeon (Sapphire Rapids class) 8 / 8 / 4 KiB, row-major codes; on
 # the AMD EPYC Zen 4 (family 25, the AMD default) 2 / 2 / 8 KiB, Zen 5 (family 26) 4 / 8 / 8 KiB, interleaved groups
-# of 4 rows. One bf16 row per pass everywhere (one sequential stream: 1.55x the 4-row GEMV on Zen 5, 1.04-1.07x on the
-# Xeon); CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
-CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 1, 1, False), "AuthenticAMD": (2048, 2048, 8192, 1, 4, True),
-              "AuthenticAMD 26": (4096, 8192, 8192, 1, 4, True)}
+# of 4 rows. The bf16 GEMV reads one row per pass on every CPU (one sequential stream: 1.55x a 4-row pass on Zen 5,
+# 1.04-1.07x on the Xeon); CHATGLM_CPU_PREFETCH="int8,int4,row" overrides the distances.
+CPU_TUNING = {"GenuineIntel": (8192, 8192, 4096, 1, False), "AuthenticAMD": (2048, 2048, 8192, 4, True),
+              "AuthenticAMD 26": (4096, 8192, 8192, 4, True)}
 ATTENTION_KEY_BLOCK = 64  # KEY_BLOCK in CPU_SOURCE (sizes the decode attention's scratch)
 _lib = None  # None: not tried yet; False: unavailable here
 _scratch = threading.local()
@@ -551,11 +534,11 @@ def cpu_signature() -> str:
 
 
 def cpu_tuning(signature: str):
-    """(int8, int4, row) prefetch distances in bytes, the bf16 rows per pass, the codes layout's rows per group and
-    whether to run the decode attention kernel, for this CPU (``CPU_TUNING``)."""
+    """(int8, int4, row) prefetch distances in bytes, the codes layout's rows per group and whether to run the decode
+    attention kernel, for this CPU (``CPU_TUNING``)."""
     vendor = next((v for v in ("GenuineIntel", "AuthenticAMD") if v in signature), "GenuineIntel")
     family = next((ln.split(":")[1].strip() for ln in signature.splitlines() if ln.startswith("cpu family")), "")
-    *distances, rows, group_rows, attention = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
+    *distances, group_rows, attention = CPU_TUNING.get(f"{vendor} {family}", CPU_TUNING[vendor])
     override = os.environ.get("CHATGLM_CPU_PREFETCH")
     if override:
         values = override.split(",")
@@ -563,12 +546,12 @@ def cpu_tuning(signature: str):
             raise ValueError(f"CHATGLM_CPU_PREFETCH must be three byte counts >= 0, 'int8,int4,row' (e.g. "
                              f"8192,8192,4096); got {override!r}")
         distances = [int(v) for v in values]
-    return (*distances, rows, group_rows, attention)
+    return (*distances, group_rows, attention)
 
 
 def compile_flags(signature: str):
-    names = ("PREFETCH_INT8", "PREFETCH_INT4", "PREFETCH_ROW", "BF16_ROWS", "GROUP_ROWS")
-    return (*COMPILE_FLAGS, *(f"-D{name}={value}" for name, value in zip(names, cpu_tuning(signature)[:5])))
+    names = ("PREFETCH_INT8", "PREFETCH_INT4", "PREFETCH_ROW", "GROUP_ROWS")
+    return (*COMPILE_FLAGS, *(f"-D{name}={value}" for name, value in zip(names, cpu_tuning(signature)[:4])))
 
 
 def library_path(compiler: str, signature: str) -> str:
@@ -688,7 +671,7 @@ def _build_and_load():
         for name, argtypes in signatures.items():
             function = getattr(lib, f"chatglm_cpu_{name}")
             function.argtypes, function.restype = argtypes, None
-        lib.group_rows, lib.attention = cpu_tuning(signature)[4:]  # the codes layout this build reads; see CPU_TUNING
+        lib.group_rows, lib.attention = cpu_tuning(signature)[3:]  # the codes layout this build reads; see CPU_TUNING
         ok = _self_check(lib, lib.group_rows)
     except OSError as e:  # a damaged cached library: remove it so that the next process rebuilds it
         logger.info("could not load the CPU quantization kernels from %s: %s", path, e)

@@ -362,7 +362,7 @@ def test_cpu_tuning_is_chosen_by_vendor_and_family(monkeypatch):
 @needs_cpu_kernels
 @pytest.mark.parametrize("tuning", sorted(set(CK.CPU_TUNING.values())))
 def test_every_cpu_tuning_builds_kernels_that_compute_right(tuning, tmp_path, monkeypatch):
-    """Each tuning in the table (prefetch distances, bf16 rows per pass, codes layout), built on this host: the
+    """Each tuning in the table (prefetch distances, codes layout), built on this host: the
     self-check passes (it packs in that tuning's layout) and the bf16 GEMV equals F.linear on shapes with row and
     column tails."""
     monkeypatch.delenv("CHATGLM_CPU_PREFETCH", raising=False)
