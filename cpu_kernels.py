@@ -1,7 +1,8 @@
-"""This package's CPU kernels, AVX-512 C built at run time with the host's C compiler and loaded with ctypes: the
-int8 / int4 decode GEMV and dequantize of quantization.py's ``cpu-avx512`` backend (:class:`Avx512`), the bf16 decode
-GEMV of linear.py's Linear (:func:`linear_bf16`) and the one-token decode attention of modeling_chatglm.py's SDPA
-path (:func:`decode_attention`).
+"""This package's CPU kernels, AVX-512 C (cpu_source.py) built at run time with the host's C compiler and loaded with
+ctypes: the int8 / int4 decode GEMV and dequantize of quantization.py's ``cpu-avx512`` backend (:class:`Avx512`), the
+bf16 decode GEMV of linear.py's Linear (:func:`linear_bf16`), the one-token decode attention of modeling_chatglm.py's
+SDPA path (:func:`decode_attention`) and the small bf16 steps between a decode step's GEMVs (:func:`rms_norm`,
+:func:`rotary_`, :func:`silu_mul`).
 
 Imported the first time a layer is bound to the CPU (``pack_weights``; linear.cpu_kernel). :class:`Avx512` takes the
 published storage format (``weight`` int8 [out, in*bits/8], int4 element 2j in the high nibble) and the
@@ -21,428 +22,12 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from .cpu_source import CPU_SOURCE
 from .quantization import FLOAT_DTYPES, in_row_chunks, pack_int4, unpack_int4
 
 logger = logging.get_logger(__name__)
 
 _lock = threading.Lock()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# This package's kernels (x86-64 with AVX-512): readable C, compiled at run time, loaded with ctypes
-# ---------------------------------------------------------------------------------------------------------------------
-CPU_SOURCE = r"""
-/* Weight-only int8 / int4 matmul and dequantize for x86-64 CPUs with AVX-512 (F, BW, VNNI), compiled at run time
- * with the host's C compiler (-O3 -march=native, plus -fopenmp when available) by cpu_kernels.py.
- *
- * Weight layout ("codes"): each weight q is stored as the unsigned code u = q + OFFSET (OFFSET = 128 for int8, 8 for
- * int4), in chunks of 128 columns of one row (128 bytes for int8, 64 for int4), with the rows taken in groups of
- * GROUP_ROWS whose chunks are interleaved: [N / GROUP_ROWS][K / 128][GROUP_ROWS rows][chunk].
- *   int8: byte j of chunk t of a row is the code of column 128t + j (the stored weight with its sign bit flipped);
- *   int4: byte j (0..63) of chunk t holds column 128t + 64 + j in its high nibble and column 128t + j in its low one.
- * The decode kernel reads 4 rows together: one sequential stream with GROUP_ROWS 4 (1.2-1.5x faster on AMD EPYCs),
- * 4 row-major streams with GROUP_ROWS 1 (1.07-1.23x faster on the Intel Xeon; see benchmarks/README.md).
- *
- * Decode (few input rows): each input row x is first written as fixed-point integers in groups of 128 columns,
- * x[c] ~= s_g * v[c] with |v| < 2^15 (2 pieces: bf16 / fp16 inputs) or < 2^23 (3 pieces: fp32 inputs), and v
- * split into int8 pieces, v = hi * 256 + lo (or hi * 65536 + mid * 256 + lo). The dot products of the unsigned
- * weight codes with each piece are exact int32 VNNI sums (vpdpbusd, 64 multiply-adds per instruction); their
- * combination is scaled by s_g and accumulated in fp32. The offset term OFFSET * sum(v) is the same for every
- * output row and is subtracted once. The rounding of x to 16 (24) bits per group is finer than the input's own
- * rounding for every element within 2^-7 (2^-0) of its group's largest magnitude.
- * out[m][n] = scale[n] * (sum_g s_g * sum_{c in g} u[n][c] * v[m][c] - OFFSET * sum_g s_g * sum_{c in g} v[m][c]).
- */
-#include <stdint.h>
-#include <stddef.h>
-#include <math.h>
-#include <immintrin.h>
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
-#error "these kernels need AVX-512 F, BW and VNNI"
-#endif
-
-#define ROWS 8          /* rows per block of output rows (one task of the thread split) */
-#define CHUNK 128       /* columns per chunk */
-#define GROUP CHUNK     /* columns per activation scale (one chunk) */
-/* Set by the build per CPU (-D, see cpu_tuning() in cpu_kernels.py): software prefetch distances in bytes (0: none,
- * the hardware prefetchers alone), PREFETCH_INT8 / PREFETCH_INT4 ahead in the quantized stream, PREFETCH_ROW ahead
- * of each bf16 row; GROUP_ROWS (1 or 4), the layout's rows per group. */
-#if !defined(PREFETCH_INT8) || !defined(PREFETCH_INT4) || !defined(PREFETCH_ROW) || !defined(GROUP_ROWS)
-#error "build with the -D flags of cpu_kernels.compile_flags (PREFETCH_INT8/INT4/ROW, GROUP_ROWS)"
-#endif
-
-enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_F16 = 2 };
-
-/* 16 values of type `type` at x[i] -> fp32 */
-static inline __m512 load16(const void *x, int type, int64_t i) {
-    if (type == TYPE_F32) return _mm512_loadu_ps((const float *)x + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-    if (type == TYPE_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
-
-/* fp32 -> one value of type `type` at dst[i] (round to nearest even) */
-static inline void store1(void *dst, int type, int64_t i, float v) {
-    if (type == TYPE_F32) {
-        ((float *)dst)[i] = v;
-    } else if (type == TYPE_F16) {
-        ((uint16_t *)dst)[i] = (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-        union { float f; uint32_t u; } b = { .f = v };
-        if ((b.u & 0x7fffffffu) > 0x7f800000u) ((uint16_t *)dst)[i] = (uint16_t)((b.u >> 16) | 0x40);  /* NaN */
-        else ((uint16_t *)dst)[i] = (uint16_t)((b.u + 0x7fffu + ((b.u >> 16) & 1)) >> 16);
-    }
-}
-
-/* 16 fp32 -> 16 values of type `type` at dst[i] */
-static inline void store16(void *dst, int type, int64_t i, __m512 v) {
-    if (type == TYPE_F32) {
-        _mm512_storeu_ps((float *)dst + i, v);
-    } else if (type == TYPE_F16) {
-        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {  /* the values are finite here: |q * scale| <= 128 * max|scale| */
-        __m512i u = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-    }
-}
-
-#ifdef __GFNI__  /* the high nibble of every byte, in one affine byte transform (bits 4..7 -> 0..3) */
-#define HIGH_NIBBLE(b) _mm512_gf2p8affine_epi64_epi8((b), _mm512_set1_epi64((long long)0x1020408000000000ull), 0)
-#else
-#define HIGH_NIBBLE(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), _mm512_set1_epi8(0x0f))
-#endif
-
-/* Chunk t of row `row` of a block in the codes layout: [row / GROUP_ROWS][t][row % GROUP_ROWS][chunk] (see the top) */
-static inline __attribute__((always_inline)) const uint8_t *chunk_at(const uint8_t *block, int64_t row, int64_t t,
-                                                                    int64_t k, int bits) {
-    return block + (row / GROUP_ROWS) * GROUP_ROWS * k * bits / 8
-           + (t * GROUP_ROWS + row % GROUP_ROWS) * CHUNK * bits / 8;
-}
-
-static inline __m512i low_byte(__m512i v) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24); }
-static inline void store_bytes(int8_t *dst, __m512i v) { _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v)); }
-
-/* One input row -> its int8 pieces (piece p at q + p * k), per group g the scales applied to the combined first
- * two pieces (gs[2g]) and to the third (gs[2g + 1]), and the return value sum_g s_g * sum(v in g). */
-static double prepare_row(const void *x, int type, int64_t k, int pieces, int8_t *q, float *gs) {
-    const int32_t vmax = pieces == 2 ? 32639 : 8323072;  /* so that the top piece stays within [-127, 127] */
-    double total = 0;
-    for (int64_t g = 0; g < k / GROUP; g++) {
-        __m512 v[GROUP / 16], amax = _mm512_setzero_ps();
-        __mmask16 nan = 0;
-        for (int j = 0; j < GROUP / 16; j++) {
-            v[j] = load16(x, type, g * GROUP + 16 * j);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
-            nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
-        }
-        const float mx = _mm512_reduce_max_ps(amax);
-        float s = mx / (float)vmax, inv = mx > 0 ? (float)vmax / mx : 0.0f;
-        if (nan || isinf(mx)) s = NAN, inv = 0.0f;  /* non-finite inputs give non-finite outputs */
-        __m512i sum = _mm512_setzero_si512();
-        for (int j = 0; j < GROUP / 16; j++) {
-            __m512i iv = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(inv)),
-                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            iv = _mm512_min_epi32(_mm512_max_epi32(iv, _mm512_set1_epi32(-vmax)), _mm512_set1_epi32(vmax));
-            sum = _mm512_add_epi32(sum, iv);
-            const int64_t c = g * GROUP + 16 * j;
-            const __m512i lo = low_byte(iv), rest = _mm512_srai_epi32(_mm512_sub_epi32(iv, lo), 8);
-            store_bytes(q + (pieces - 1) * k + c, lo);
-            if (pieces == 2) {
-                store_bytes(q + c, rest);
-            } else {
-                const __m512i mid = low_byte(rest);
-                store_bytes(q + k + c, mid);
-                store_bytes(q + c, _mm512_srai_epi32(_mm512_sub_epi32(rest, mid), 8));
-            }
-        }
-        gs[2 * g] = pieces == 2 ? s : s * 256.0f;
-        gs[2 * g + 1] = s;
-        total += (double)s * (double)_mm512_reduce_add_epi32(sum);
-    }
-    return total;
-}
-
-/* acc += the scaled dot product of one chunk's 128 unsigned weight codes (w0: columns 0..63, w1: 64..127) with
- * group t of one prepared row. Per lane the int32 sums stay below 2^27 (8 products of codes <= 255 and pieces). */
-static inline __attribute__((always_inline)) __m512 dot_group(__m512 acc, __m512i w0, __m512i w1, const int8_t *q,
-                                                             const float *gs, int64_t t, int64_t k, int pieces) {
-    const int8_t *p = q + t * GROUP;
-    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(p));
-    s = _mm512_slli_epi32(_mm512_dpbusd_epi32(s, w1, _mm512_loadu_si512(p + 64)), 8);
-    s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, w0, _mm512_loadu_si512(p + k)), w1, _mm512_loadu_si512(p + k + 64));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(gs[2 * t]), acc);
-    if (pieces == 3) {
-        __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(p + 2 * k));
-        s2 = _mm512_dpbusd_epi32(s2, w1, _mm512_loadu_si512(p + 2 * k + 64));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(gs[2 * t + 1]), acc);
-    }
-    return acc;
-}
-
-/* Rows r0 .. r0+R-1 of one block against MC prepared input rows: out[i * n + r] (before the offset and scale). */
-static inline __attribute__((always_inline)) void block_pass(const uint8_t *block, int bits, int pieces, int64_t k,
-                                                            const int8_t *q, const float *gs, int R, int r0, int MC,
-                                                            float *sums) {
-    const int64_t qstride = pieces * k, gstride = 2 * (k / GROUP);
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
-    __m512 acc[8][4];  /* R * MC <= 16 are used */
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < MC; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < k / CHUNK; t++) {
-        for (int r = 0; r < R; r++) {
-            const uint8_t *chunk = chunk_at(block, r0 + r, t, k, bits);
-            __m512i w0, w1;
-            if (bits == 8) {
-                if (PREFETCH_INT8) {
-                    _mm_prefetch((const char *)chunk + PREFETCH_INT8, _MM_HINT_T0);
-                    _mm_prefetch((const char *)chunk + 64 + PREFETCH_INT8, _MM_HINT_T0);
-                }
-                w0 = _mm512_loadu_si512(chunk);
-                w1 = _mm512_loadu_si512(chunk + 64);
-            } else {
-                if (PREFETCH_INT4) _mm_prefetch((const char *)chunk + PREFETCH_INT4, _MM_HINT_T0);
-                const __m512i b = _mm512_loadu_si512(chunk);
-                w0 = _mm512_and_si512(b, nibble);
-                w1 = HIGH_NIBBLE(b);
-            }
-            for (int i = 0; i < MC; i++)
-                acc[r][i] = dot_group(acc[r][i], w0, w1, q + i * qstride, gs + i * gstride, t, k, pieces);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < MC; i++) sums[i * ROWS + r0 + r] = _mm512_reduce_add_ps(acc[r][i]);
-}
-
-/* one block of 8 rows against up to 4 prepared rows, with compile-time shapes (so the loops unroll into registers) */
-#define PASS(BITS, PIECES, R, R0, MC) block_pass(block, BITS, PIECES, k, q, gs, R, R0, MC, sums)
-#define BLOCK_CASES(BITS, PIECES)                                                                   \
-    switch (mc) {                                                                                   \
-    case 1: PASS(BITS, PIECES, 4, 0, 1); PASS(BITS, PIECES, 4, 4, 1); break;                       \
-    case 2: PASS(BITS, PIECES, 8, 0, 2); break;                                                     \
-    case 3: PASS(BITS, PIECES, 4, 0, 3); PASS(BITS, PIECES, 4, 4, 3); break;                       \
-    default: PASS(BITS, PIECES, 4, 0, 4); PASS(BITS, PIECES, 4, 4, 4); break;                      \
-    }
-static void block_dot(const uint8_t *block, int bits, int pieces, int64_t k, const int8_t *q, const float *gs,
-                      int mc, float *sums) {
-    if (bits == 8 && pieces == 2) { BLOCK_CASES(8, 2) }
-    else if (bits == 8) { BLOCK_CASES(8, 3) }
-    else if (pieces == 2) { BLOCK_CASES(4, 2) }
-    else { BLOCK_CASES(4, 3) }
-}
-
-/* out [m, n] (out_type) = x [m, k] (x_type) @ dequantized(w)^T, for m <= 16; n % 8 == 0, k % 128 == 0.
- * pieces: 2 or 3 (see the top); scratch: m * (pieces * k + 8 * k / GROUP) bytes. */
-void chatglm_cpu_matmul(const void *x, int x_type, int64_t m, const uint8_t *w, int bits, const float *scale,
-                        void *out, int out_type, int64_t n, int64_t k, int pieces, void *scratch, int threads) {
-    int8_t *q = (int8_t *)scratch;
-    float *gs = (float *)(q + m * pieces * k);
-    double offset_term[16];
-    const double offset = bits == 8 ? 128.0 : 8.0;
-    for (int64_t i = 0; i < m; i++)
-        offset_term[i] = offset * prepare_row((const char *)x + i * k * (x_type == TYPE_F32 ? 4 : 2), x_type, k,
-                                              pieces, q + i * pieces * k, gs + i * 2 * (k / GROUP));
-    const int64_t block_bytes = ROWS * k * bits / 8;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n / ROWS; b++) {
-        float sums[4 * ROWS];
-        for (int64_t i = 0; i < m; i += 4) {  /* input rows in groups of up to 4 */
-            const int mc = m - i < 4 ? (int)(m - i) : 4;
-            block_dot(w + b * block_bytes, bits, pieces, k, q + i * pieces * k, gs + i * 2 * (k / GROUP), mc, sums);
-            for (int j = 0; j < mc; j++)
-                for (int r = 0; r < ROWS; r++) {
-                    const int64_t row = b * ROWS + r;
-                    store1(out, out_type, (i + j) * n + row,
-                           scale[row] * (float)((double)sums[j * ROWS + r] - offset_term[i + j]));
-                }
-        }
-    }
-}
-
-/* ---- bf16 weights (unquantized models) ------------------------------------------------------------------------ */
-
-/* acc + the products of the bf16 pairs in a and b, summed per 32-bit lane (vdpbf16ps where the CPU has it) */
-static inline __m512 dp_bf16(__m512 acc, __m512i a, __m512i b) {
-#ifdef __AVX512BF16__
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else  /* bf16 -> fp32 is a 16-bit shift: even and odd elements separately */
-    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
-                          acc);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)),
-                           acc);
-#endif
-}
-
-/* 32 bf16 of x and w at column c (fewer at the row end: masked to zero), multiplied in pairs and added to acc */
-static inline __m512 dot32_bf16(__m512 acc, const uint16_t *w, const uint16_t *x, int64_t c, __mmask32 mask) {
-    return dp_bf16(acc, _mm512_maskz_loadu_epi16(mask, w + c), _mm512_maskz_loadu_epi16(mask, x + c));
-}
-
-/* Row w of a row-major bf16 weight against MC bf16 input rows, each weight vector loaded once; two accumulator chains
- * per input (columns c and c + 32): one sequential stream per pass, the fastest on every CPU measured. */
-static inline __attribute__((always_inline)) void row_bf16(const uint16_t *x, int MC, const uint16_t *w, int64_t k,
-                                                           const uint16_t *bias, uint16_t *out, int64_t n) {
-    __m512 acc[4][2];
-    for (int i = 0; i < MC; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 64)
-        for (int h = 0; h < 2; h++) {
-            const int64_t left = k - c - 32 * h;  /* the row end: masked (a zero mask loads nothing) */
-            const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
-            if (PREFETCH_ROW) _mm_prefetch((const char *)(w + c + 32 * h) + PREFETCH_ROW, _MM_HINT_T0);
-            for (int i = 0; i < MC; i++) acc[i][h] = dot32_bf16(acc[i][h], w, x + i * k, c + 32 * h, m);
-        }
-    for (int i = 0; i < MC; i++) {
-        float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-        if (bias != NULL) {
-            union { uint32_t u; float f; } b = { .u = (uint32_t)bias[0] << 16 };
-            v += b.f;
-        }
-        store1(out, TYPE_BF16, i * n, v);
-    }
-}
-
-/* out [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]), all bf16, w row-major as stored (no layout of its own); m <= 4.
- * fp32 accumulation, one rounding. Each thread takes a contiguous range of rows. */
-void chatglm_cpu_linear_bf16(const uint16_t *x, int64_t m, const uint16_t *w, const uint16_t *bias, uint16_t *out,
-                             int64_t n, int64_t k, int threads) {
-#define ROWS_BF16(MC)                                                                                          \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
-    for (int64_t r = 0; r < n; r++) row_bf16(x, MC, w + r * k, k, bias == NULL ? NULL : bias + r, out + r, n);
-    switch (m) {
-    case 1: { ROWS_BF16(1) } break;
-    case 2: { ROWS_BF16(2) } break;
-    case 3: { ROWS_BF16(3) } break;
-    default: { ROWS_BF16(4) } break;
-    }
-#undef ROWS_BF16
-}
-
-/* ---- decode attention (one query row per head) ---------------------------------------------------------------- */
-
-/* e^x for x <= 0 (softmax after subtracting the max): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its
- * Taylor series to degree 6 (relative error < 2e-7); 0 below -87, NaN for NaN. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    const float c[6] = {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    for (int i = 0; i < 6; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
-    const __mmask16 above = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(above, _mm512_scalef_ps(p, n));
-    return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  /* NaN stays NaN (as in SDPA) */
-}
-
-#define KEY_BLOCK 64  /* keys whose values are widened to fp32 at a time (64 * d * 4 bytes: stays in L1) */
-
-/* out [nb][nh][g][d] = softmax(q k^T * scale) v for the g <= 16 query rows that share each key/value head; all bf16,
- * d % 64 == 0, d <= 256; k and v rows of d contiguous values at element strides (batch, head, row); mask: NULL, or
- * per batch row (stride ms) one byte per key, 0 = masked out. fp32 scores, softmax and accumulation, one rounding.
- * scratch: nb * nh * (16 * len + (KEY_BLOCK + 16) * d) floats. */
-void chatglm_cpu_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
-                                  int64_t nb, int64_t nh, int64_t g, int64_t len, int64_t d, int64_t kb, int64_t kh,
-                                  int64_t kr, int64_t vb, int64_t vh, int64_t vr, const uint8_t *mask, int64_t ms,
-                                  float scale, float *scratch, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < nb * nh; task++) {
-        const int64_t b = task / nh, h = task % nh;
-        const uint16_t *qt = q + task * g * d, *kt = k + b * kb + h * kh, *vt = v + b * vb + h * vh;
-        float *s = scratch + task * (16 * len + (KEY_BLOCK + 16) * d), *vf = s + 16 * len, *acc = vf + KEY_BLOCK * d;
-        __m512i qp[128];  /* the queries transposed: qp[p] = dims (2p, 2p + 1) of the g rows, row i in lane i */
-        for (int64_t p = 0; p < d / 2; p++) {
-            uint32_t lanes[16] = {0};
-            for (int64_t i = 0; i < g; i++) lanes[i] = ((const uint32_t *)(qt + i * d))[p];
-            qp[p] = _mm512_loadu_si512(lanes);
-        }
-        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-        for (int64_t l = 0; l < len; l++) {  /* the scores of key l for all rows: one vector, no reduction */
-            const uint32_t *kl = (const uint32_t *)(kt + l * kr);
-            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t p = 0; p < d / 2; p += 4)  /* (four independent sums) */
-                for (int c = 0; c < 4; c++)
-                    a[c] = dp_bf16(a[c], _mm512_set1_epi32((int)kl[p + c]), qp[p + c]);
-            __m512 sc = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
-                                      _mm512_set1_ps(scale));
-            if (mask != NULL && !mask[b * ms + l]) sc = _mm512_set1_ps(-INFINITY);
-            _mm512_storeu_ps(s + 16 * l, sc);
-            mx = _mm512_max_ps(mx, sc);
-        }
-        for (int64_t l = 0; l < len; l++) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * l), mx));
-            _mm512_storeu_ps(s + 16 * l, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        float inv[16];
-        _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
-        for (int64_t i = 0; i < 16 * d; i++) acc[i] = 0.0f;
-        for (int64_t l0 = 0; l0 < len; l0 += KEY_BLOCK) {
-            const int64_t n = len - l0 < KEY_BLOCK ? len - l0 : KEY_BLOCK;
-            for (int64_t l = 0; l < n; l++)
-                for (int64_t j = 0; j < d; j += 16)
-                    _mm512_storeu_ps(vf + l * d + j, load16(vt + (l0 + l) * vr, TYPE_BF16, j));
-            for (int64_t i = 0; i < g; i += 2)  /* acc[i] += sum_l p[i][l] v[l], two rows and 64 columns at a time */
-                for (int64_t j = 0; j < d; j += 64) {
-                    const int64_t i1 = i + 1 < g ? i + 1 : i;  /* (an odd last row is computed twice) */
-                    __m512 a[2][4];
-                    for (int c = 0; c < 4; c++) {
-                        a[0][c] = _mm512_loadu_ps(acc + i * d + j + 16 * c);
-                        a[1][c] = _mm512_loadu_ps(acc + i1 * d + j + 16 * c);
-                    }
-                    for (int64_t l = 0; l < n; l++) {
-                        const float *pl = s + 16 * (l0 + l);
-                        const __m512 p0 = _mm512_set1_ps(pl[i]), p1 = _mm512_set1_ps(pl[i1]);
-                        for (int c = 0; c < 4; c++) {
-                            const __m512 x = _mm512_loadu_ps(vf + l * d + j + 16 * c);
-                            a[0][c] = _mm512_fmadd_ps(p0, x, a[0][c]);
-                            a[1][c] = _mm512_fmadd_ps(p1, x, a[1][c]);
-                        }
-                    }
-                    for (int c = 0; c < 4; c++) {
-                        _mm512_storeu_ps(acc + i * d + j + 16 * c, a[0][c]);
-                        _mm512_storeu_ps(acc + i1 * d + j + 16 * c, a[1][c]);
-                    }
-                }
-        }
-        for (int64_t i = 0; i < g; i++)
-            for (int64_t j = 0; j < d; j++) store1(out, TYPE_BF16, task * g * d + i * d + j, acc[i * d + j] * inv[i]);
-    }
-}
-
-/* out [n, k] (row-major, out_type) = q * scale, rounded once: the same as torch's q.to(T) * scale for a model-dtype
- * scale (given here widened to fp32; q * scale is then exact in fp32). */
-void chatglm_cpu_dequantize(const uint8_t *w, int bits, const float *scale, void *out, int out_type,
-                            int64_t n, int64_t k, int threads) {
-    const int64_t block_bytes = ROWS * k * bits / 8;
-    const int cb = CHUNK * bits / 8;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n / ROWS; b++) {
-        const __m512i offset = _mm512_set1_epi32(bits == 8 ? 128 : 8), nibble = _mm512_set1_epi32(0x0f);
-        for (int64_t t = 0; t < k / CHUNK; t++) {
-            for (int r = 0; r < ROWS; r++) {
-                const uint8_t *chunk = chunk_at(w + b * block_bytes, r, t, k, bits);
-                const int64_t row = b * ROWS + r, c = t * CHUNK;
-                const __m512 s = _mm512_set1_ps(scale[row]);
-                for (int j = 0; j < cb; j += 16) {
-                    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(chunk + j)));
-                    if (bits == 8) {
-                        store16(out, out_type, row * k + c + j,
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(u, offset)), s));
-                    } else {
-                        const __m512i lo = _mm512_and_si512(u, nibble), hi = _mm512_srli_epi32(u, 4);
-                        store16(out, out_type, row * k + c + j,
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, offset)), s));
-                        store16(out, out_type, row * k + c + 64 + j,
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, offset)), s));
-                    }
-                }
-            }
-        }
-    }
-}
-
-"""
 
 BLOCK_ROWS = 8  # out_features must be a multiple of it (ROWS in CPU_SOURCE: the threads split the rows in blocks)
 CHUNK = 128  # columns per chunk of the codes layout (CHUNK in CPU_SOURCE)
@@ -629,7 +214,19 @@ def _self_check(lib, group_rows: int) -> bool:
             return False
     q, kv = torch.randn(1, 6, 1, 64, generator=gen).bfloat16(), torch.randn(2, 1, 2, 70, 64, generator=gen).bfloat16()
     want = F.scaled_dot_product_attention(q.double().view(1, 2, 3, 64), kv[0].double(), kv[1].double())
-    return bool((decode_attention(q, kv[0], kv[1], lib=lib).double().view(1, 2, 3, 64) - want).abs().max() < 2e-2)
+    if not (decode_attention(q, kv[0], kv[1], lib=lib).double().view(1, 2, 3, 64) - want).abs().max() < 2e-2:
+        return False
+    x, w, (cos, sin) = torch.randn(2, 96, generator=gen).bfloat16(), torch.randn(96).bfloat16(), torch.rand(2, 2, 8).bfloat16()
+    out, h = torch.empty_like(x), x.float()
+    lib.chatglm_cpu_rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), 2, 96, 1e-5)
+    ok = torch.allclose(out.float(), w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)), rtol=1e-2)
+    lib.chatglm_cpu_silu_mul(x.data_ptr(), out.data_ptr(), 2, 48)  # (out's first 96 values: [2, 48])
+    ok &= torch.allclose(out.view(-1)[:96].view(2, 48).float(), F.silu(h[:, :48]) * h[:, 48:], rtol=1e-2, atol=1e-3)
+    a, b = x.view(2, 3, 32)[..., :16:2], x.view(2, 3, 32)[..., 1:16:2]  # 3 heads of 32, the first 16 dims rotated
+    c, s = cos[:, None], sin[:, None]
+    want = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    lib.chatglm_cpu_rotary(x.data_ptr(), 2, 96, 3, 32, cos.data_ptr(), sin.data_ptr(), 8)
+    return bool(ok and torch.equal(x.view(2, 3, 32)[..., :16], want))
 
 
 def load():
@@ -667,7 +264,9 @@ def _build_and_load():
         signatures = {"matmul": [ptr, i32, i64, ptr, i32, ptr, ptr, i32, i64, i64, i32, ptr, i32],
                       "dequantize": [ptr, i32, ptr, ptr, i32, i64, i64, i32],
                       "linear_bf16": [ptr, i64, ptr, ptr, ptr, i64, i64, i32],
-                      "decode_attention": [ptr, ptr, ptr, ptr, *[i64] * 11, ptr, i64, ctypes.c_float, ptr, i32]}
+                      "decode_attention": [ptr, ptr, ptr, ptr, *[i64] * 11, ptr, i64, ctypes.c_float, ptr, i32],
+                      "rms_norm": [ptr, ptr, ptr, i64, i64, ctypes.c_float],
+                      "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i64], "silu_mul": [ptr, ptr, i64, i64]}
         for name, argtypes in signatures.items():
             function = getattr(lib, f"chatglm_cpu_{name}")
             function.argtypes, function.restype = argtypes, None
@@ -780,4 +379,50 @@ def decode_attention(q, k, v, mask=None, lib=None):
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads_kv, heads // heads_kv, length, d,
         *k.stride()[:3], *v.stride()[:3], None if mask is None else mask.data_ptr(),
         0 if mask is None else mask.stride(0), d ** -0.5, scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The small bf16 steps between a decode step's GEMVs (RMSNorm, rotary, SwiGLU): each returns None where it does not
+# take the tensors (the caller then runs its torch ops). Call only where load() gave the library.
+# ---------------------------------------------------------------------------------------------------------------------
+STEP_MAX_ROWS = GEMV_MAX_ROWS  # more rows (prefill): torch's ops, which use every thread
+
+
+def _step_takes(x, width, multiple=16) -> bool:
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and x.dim() > 0
+            and width % multiple == 0 and 0 < x.numel() <= STEP_MAX_ROWS * x.shape[-1])
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm of the last dimension, fp32 inside, bf16 out (modeling_chatglm.RMSNorm's numerics)."""
+    if not (_step_takes(x, x.shape[-1]) and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and weight.shape == x.shape[-1:]):
+        return None
+    out = torch.empty_like(x)
+    _lib.chatglm_cpu_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                              eps)
+    return out
+
+
+def rotary_(x, heads, head_dim, cos, sin):
+    """In place on ``x`` [b, s, ...] (rows of a fused QKV output): the rotary embedding of modeling_chatglm.apply_rotary
+    on its first ``heads`` heads of ``head_dim``, angles ``cos`` / ``sin`` [b, 1, s, half]. True where it ran."""
+    half = cos.shape[-1]
+    if not (_step_takes(x, 2 * half) and x.dim() == 3 and 2 * half <= head_dim and heads * head_dim <= x.shape[-1]
+            and cos.dtype == sin.dtype == torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == sin.shape == (x.shape[0], 1, x.shape[1], half)):
+        return False
+    _lib.chatglm_cpu_rotary(x.data_ptr(), x.shape[0] * x.shape[1], x.shape[-1], heads, head_dim, cos.data_ptr(),
+                            sin.data_ptr(), half)
+    return True
+
+
+def silu_mul(x):
+    """SwiGLU of [..., 2f] stacked [gate; up] -> [..., f]: silu(gate) * up, as torch's bf16 ops round it."""
+    f = x.shape[-1] // 2
+    if not _step_takes(x, f) or x.shape[-1] != 2 * f:
+        return None
+    out = torch.empty(*x.shape[:-1], f, dtype=x.dtype)
+    _lib.chatglm_cpu_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], f)
     return out

@@ -44,8 +44,9 @@ def cpu_prepack_enabled():
 def cpu_kernel(kind):
     """This package's CPU decode kernel ``kind`` as ``(takes, run)`` from ``cpu_kernels``: ``"gemv"`` (bf16 linear,
     ``linear_bf16``) or ``"attention"`` (one new token against the cache, ``decode_attention``; only on CPUs where it
-    beats SDPA, ``cpu_kernels.CPU_TUNING``), where its C library builds on this machine (x86-64 with AVX-512;
-    ``CHATGLM_CPU_KERNELS=0`` turns it off), else None. Tried once per process."""
+    beats SDPA, ``cpu_kernels.CPU_TUNING``), or ``"steps"`` (the module, for its ``rms_norm`` / ``rotary_`` /
+    ``silu_mul``), where its C library builds on this machine (x86-64 with AVX-512; ``CHATGLM_CPU_KERNELS=0`` turns it
+    off), else None. Tried once per process."""
     if kind not in _CPU_KERNELS:
         from . import cpu_kernels as ck
 
@@ -53,6 +54,7 @@ def cpu_kernel(kind):
         _CPU_KERNELS.setdefault("gemv", lib is not None and (ck.linear_bf16_takes, ck.linear_bf16))
         _CPU_KERNELS.setdefault("attention", lib is not None and lib.attention
                                 and (ck.decode_attention_takes, ck.decode_attention))
+        _CPU_KERNELS.setdefault("steps", lib is not None and ck)
     return _CPU_KERNELS[kind] or None
 
 

@@ -33,7 +33,7 @@ _HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "tok
 _OTHER_SOURCES = ("gguf_file", "variant", "state_dict", "from_tf", "from_flax")
 REMOTE_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "chat.py", "linear.py", "masks.py",
                      "generation.py", "compat.py", "loading.py", "parallel.py", "quantization.py", "cpu_kernels.py",
-                     "cuda_kernels.py", "tokenization_chatglm.py")
+                     "cpu_source.py", "cuda_kernels.py", "tokenization_chatglm.py")
 
 
 def _check_scales_declared(config, scale_keys):

@@ -50,9 +50,11 @@ from .parallel import check_tensor_parallel  # noqa: F401 (public)
 from .quantization import QuantizedLinear, quantization_backend, quantize, set_quantization_backend
 
 if TYPE_CHECKING:
-    # quantization.py imports the kernel modules lazily; they are named here too because transformers < 5 copies
-    # into its module cache only the files that this module imports (when loading from a local folder).
+    # quantization.py and linear.py import the kernel modules lazily (cpu_kernels.py its C source); they are named
+    # here too because transformers < 5 copies into its module cache only the files that this module imports (when
+    # loading from a local folder).
     from .cpu_kernels import Avx512  # noqa: F401
+    from .cpu_source import CPU_SOURCE  # noqa: F401
     from .cuda_kernels import launcher  # noqa: F401
 
 logger = logging.get_logger(__name__)
@@ -69,10 +71,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states):
+        steps = _step_kernels(hidden_states)
+        out = steps and steps.rms_norm(hidden_states, self.weight, self.eps)
+        if out is not None:
+            return out
         input_dtype = hidden_states.dtype
         h = hidden_states.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * h).to(input_dtype)
+
+
+def _step_kernels(x):
+    """This package's CPU kernels for the small steps of a bf16 CPU inference forward (norms, rotary, SwiGLU: one
+    call each instead of several torch ops, which after each weight stream run on evicted caches), or None: not
+    under autograd, a compiler or a tracer, or where the library does not build."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and _reads_values():
+        return cpu_kernel("steps")
+    return None
 
 
 def _norm(config, device=None):
@@ -209,13 +224,16 @@ class SelfAttention(nn.Module):
         ``attn_kwargs``: what transformers passes to its caches and attention functions (paged attention indices).
         Returns (output [b, s, hidden], attention probabilities or None)."""
         b, s, _ = hidden_states.shape
-        q, k, v = self.query_key_value(hidden_states).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        qkv, (cos, sin) = self.query_key_value(hidden_states), rotary
+        steps = _step_kernels(qkv)  # (the C kernel rotates the query and key heads of qkv in place)
+        rotated = steps is not None and steps.rotary_(qkv, (self.q_size + self.kv_size) // self.head_dim,
+                                                      self.head_dim, cos, sin)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if not rotated:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn_kwargs = dict(attn_kwargs) if attn_kwargs else {}  # a paged cache rewrites its copy
         if past_key_values is not None:
             k, v = _cache_update(past_key_values, k, v, self.layer_idx, cache_position, attn_kwargs)
@@ -246,8 +264,13 @@ class MLP(nn.Module):
             config, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
 
     def forward(self, hidden_states):
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        stacked = self.dense_h_to_4h(hidden_states)
+        steps = _step_kernels(stacked)
+        act = steps and steps.silu_mul(stacked)
+        if act is None:
+            gate, up = stacked.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return self.dense_4h_to_h(act)
 
 
 class GLMBlock(GradientCheckpointingLayer):

@@ -161,10 +161,9 @@ def build_model(layers):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(tempfile.mkdtemp(prefix="chatglm_bench_"))
-    for f in ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "cpu_kernels.py", "cuda_kernels.py",
-              "tokenization_chatglm.py"):
-        if (REPO / f).exists():
-            shutil.copyfile(REPO / f, folder / f)
+    load_quantization()  # (registers the package)
+    for f in importlib.import_module("chatglm_bench_code.loading").REMOTE_CODE_FILES:  # the one list of code files
+        shutil.copyfile(REPO / f, folder / f)
     cfg = json.loads((REPO / "config.json").read_text())
     cfg.update(num_layers=layers, torch_dtype="bfloat16", seq_length=4096)
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where a CPU decode step goes: the time inside this package's C kernels (the GEMVs, and the decode attention where
-it runs) against the rest (norms, rotary, residuals, SDPA, Python), for one forward of one new token after a
+it runs) against the rest (norms, rotary, SwiGLU, residuals, SDPA, Python), for one forward of one new token after a
 128-token prompt; medians of 12 steps. ``--stub`` skips the C calls (their outputs stay uninitialised), which gives
 the rest with hot caches: the difference to the real run's rest is what the weight stream's cache eviction costs
 the small kernels that follow it.
@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 KERNELS = ("chatglm_cpu_matmul", "chatglm_cpu_linear_bf16", "chatglm_cpu_decode_attention", "chatglm_cpu_dequantize")
+STEPS = ("chatglm_cpu_rms_norm", "chatglm_cpu_rotary", "chatglm_cpu_silu_mul")  # the small steps: part of the rest
 
 
 class TimedLibrary:
@@ -27,6 +28,9 @@ class TimedLibrary:
         self.group_rows, self.attention = lib.group_rows, lib.attention
         for name in KERNELS:
             setattr(self, name, self._timed(getattr(lib, name), stub))
+        for name in STEPS:
+            if hasattr(lib, name):
+                setattr(self, name, getattr(lib, name))
 
     def _timed(self, function, stub):
         def call(*args):

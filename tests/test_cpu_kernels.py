@@ -494,3 +494,105 @@ def test_decode_attention_propagates_nan_like_sdpa():
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., 3] = False
     assert not CK.decode_attention(q, k, v, mask).isnan().any()
+
+
+# The small bf16 steps between a decode step's GEMVs: RMSNorm, rotary, SwiGLU (cpu_kernels.rms_norm / rotary_ /
+# silu_mul), against the model's torch ops and float64.
+@needs_cpu_kernels
+@pytest.mark.parametrize("rows", (1, 3, 16))
+def test_decode_steps_match_the_torch_ops(rows):
+    """Each kernel against the module's own torch path (autograd on: no kernel) and float64: rotary bit-exact (every
+    product and sum rounded to bf16 as torch's bf16 ops), the norm and SwiGLU within one bf16 rounding; values over
+    several magnitudes, a row of zeros (norm: eps only), and inf / NaN propagating as in torch."""
+    assert CK.load() is not None
+    M = load_module("modeling_chatglm")
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 1, 4096, generator=gen) * torch.logspace(-3, 3, 4096)[torch.randperm(4096, generator=gen)])
+    x = x.bfloat16()
+    x[0, 0, :] = 0 if rows > 1 else x[0, 0, :]
+    norm = M.RMSNorm(4096, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(4096, generator=gen).bfloat16()
+    got = CK.rms_norm(x, norm.weight, norm.eps)
+    want = norm(x)  # (grad enabled: the torch ops)
+    h = x.double()
+    exact = norm.weight.double() * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert ((got.double() - want.double()).abs() <= 2 ** -7 * want.double().abs()).all()
+    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-30).all()
+
+    qkv = torch.randn(rows, 1, 4608, generator=gen).bfloat16() * 4
+    positions = torch.randint(0, 32768, (rows, 1), generator=gen)
+    cos, sin = M.RotaryEmbedding(load_module("configuration_chatglm").ChatGLMConfig(), device="cpu")(
+        positions, torch.bfloat16)
+    heads = qkv[..., :34 * 128].view(rows, 1, 34, 128).transpose(1, 2)
+    want = M.apply_rotary(heads, cos, sin).transpose(1, 2).reshape(rows, 1, -1)
+    rotated = qkv.clone()
+    assert CK.rotary_(rotated, 34, 128, cos, sin)
+    assert torch.equal(rotated[..., :34 * 128], want) and torch.equal(rotated[..., 34 * 128:], qkv[..., 34 * 128:])
+
+    stacked = (torch.randn(rows, 1, 2 * 13696, generator=gen) * 6).bfloat16()
+    stacked[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -200.0])
+    gate, up = stacked.chunk(2, dim=-1)
+    want, got = F.silu(gate) * up, CK.silu_mul(stacked)
+    assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+    finite, infinite = want.isfinite(), want.isinf()
+    assert torch.equal(got[infinite], want[infinite])
+    assert ((got - want).abs().double()[finite] <= 2 ** -7 * want.abs().double()[finite]).all()
+
+
+def test_decode_steps_take_only_what_they_compute():
+    """Where a step's kernel does not compute exactly the op (another dtype, a non-contiguous tensor, more rows than
+    a decode step has, widths off the kernels' multiple of 16, a weight of another shape) it returns None / False
+    before touching any memory, and the module runs its torch ops."""
+    x, w = torch.zeros(2, 1, 64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(2, 1, 1, 16, dtype=torch.bfloat16)
+    if CK.load() is None:
+        pytest.skip("the kernels do not build here")
+    assert CK.rms_norm(x, w, 1e-5) is not None and CK.rotary_(x.clone(), 2, 32, cos, sin)
+    assert CK.silu_mul(x) is not None
+    assert CK.rms_norm(x.float(), w, 1e-5) is None and CK.rms_norm(x, w.float(), 1e-5) is None
+    assert CK.rms_norm(x, w[:32], 1e-5) is None and CK.rms_norm(x[..., :40], w[:40], 1e-5) is None  # 40 % 16
+    assert CK.rms_norm(x.transpose(0, 2), w[:2], 1e-5) is None  # not contiguous
+    assert CK.rms_norm(torch.zeros(17, 64, dtype=torch.bfloat16), w, 1e-5) is None  # prefill-sized: torch
+    assert CK.silu_mul(x[..., :48]) is None and CK.silu_mul(torch.zeros(17, 64, dtype=torch.bfloat16)) is None
+    assert not CK.rotary_(x, 3, 32, cos, sin)  # 3 heads of 32 do not fit in 64
+    assert not CK.rotary_(x, 2, 32, cos[:1], sin[:1]) and not CK.rotary_(x, 2, 32, cos.float(), sin.float())
+
+
+@needs_cpu_kernels
+def test_model_decode_uses_the_step_kernels_and_matches_torch_ops(tmp_path, monkeypatch):
+    """bf16 greedy decode through the model: the norms, rotary and SwiGLU of every layer and step run in the C
+    kernels (none under autograd), and the logits equal those of the same model with the torch ops (the kernels
+    switched off) within bf16 noise."""
+    folder = make_model_dir(tmp_path, hidden_size=256, kv_channels=64, num_attention_heads=4, ffn_hidden_size=128)
+    model = load_model(folder).to(torch.bfloat16).eval()
+    package = type(model).__module__.rsplit(".", 1)[0]
+    lin, ck = sys.modules[package + ".linear"], importlib.import_module(package + ".cpu_kernels")
+    calls = []
+
+    class Counting:  # the steps that ran (a step that does not take its tensors returns None / False)
+        def __getattr__(self, name):
+            def step(*args):
+                out = getattr(ck, name)(*args)
+                if out is not None and out is not False:
+                    calls.append(name)
+                return out
+            return step
+
+    ids = random_ids(batch=1, seq=20)  # (a prompt over STEP_MAX_ROWS rows: torch's ops there)
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    monkeypatch.setitem(lin._CPU_KERNELS, "steps", Counting())
+    with torch.no_grad():
+        got = model.generate(ids, **kwargs)
+    layers = model.config.num_layers
+    assert calls.count("rotary_") == calls.count("silu_mul") == 5 * layers  # every layer of the 5 decode steps
+    assert calls.count("rms_norm") == 5 * (2 * layers + 1)  # (and the final norm)
+    calls.clear()
+    model(ids[:, :4]).logits.sum().backward()  # autograd: torch's ops
+    assert calls == []
+    monkeypatch.setitem(lin._CPU_KERNELS, "steps", False)
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        assert rel_err(a, b) < 1e-2

@@ -696,7 +696,7 @@ def test_saved_quantized_model_loads_and_runs_in_a_fresh_process(float_dir, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path / "saved")
-    for name in ("quantization.py", "cpu_kernels.py", "cuda_kernels.py"):
+    for name in ("quantization.py", "cpu_kernels.py", "cpu_source.py", "cuda_kernels.py"):
         assert (tmp_path / "saved" / name).read_bytes() == (REPO / name).read_bytes(), name
     ids = random_ids(seq=12)
     with torch.no_grad():
@@ -710,7 +710,8 @@ def test_saved_quantized_model_loads_and_runs_in_a_fresh_process(float_dir, tmp_
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(io_file)
-    assert {"quantization.py", "cpu_kernels.py", "cuda_kernels.py", "configuration_chatglm.py"} <= set(got["cached"])
+    assert {"quantization.py", "cpu_kernels.py", "cpu_source.py", "cuda_kernels.py",
+            "configuration_chatglm.py"} <= set(got["cached"])
     assert got["lazy"] == ["cpu_kernels", "cuda_kernels"]  # loading imports no kernel module
     assert not got["cuda_imported"] and got["backend"] == "cpu-int4pack"
     torch.testing.assert_close(got["unpacked"], unpacked, rtol=1e-5, atol=1e-5)
