@@ -137,12 +137,14 @@ def _is_cache(obj):
             or (_PagedCache is not None and isinstance(obj, _PagedCache)))
 
 
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # (torch < 2.3: none)
+
+
 def _reads_values():
-    """Whether checks may read tensor values back to the host: not while torch.compile / torch.export / jit trace
-    the graph (there the values are symbolic; the shape and dtype checks still run)."""
-    compiler = getattr(torch, "compiler", None)
-    compiling = compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
-    return not (compiling or torch.jit.is_tracing())
+    """Whether checks may read tensor values back to the host (and opaque C kernels may run): not while
+    torch.compile / torch.export / jit trace the graph (there the values are symbolic; the shape and dtype checks
+    still run)."""
+    return not (_IS_COMPILING() or torch.jit.is_tracing())
 
 
 def _make_output(cls, **fields):

@@ -596,3 +596,20 @@ def test_model_decode_uses_the_step_kernels_and_matches_torch_ops(tmp_path, monk
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores):
         assert rel_err(a, b) < 1e-2
+
+
+@needs_cpu_kernels
+def test_step_kernels_stay_out_of_compiled_graphs():
+    """Under torch.compile (fullgraph: an opaque ctypes call would break the graph) the norm and SwiGLU are torch's
+    ops, with the eager (kernel) results."""
+    M, config = load_module("modeling_chatglm"), load_module("configuration_chatglm").ChatGLMConfig(
+        hidden_size=64, ffn_hidden_size=96, quantization_bit=0)
+    gen = torch.Generator().manual_seed(0)
+    norm, mlp = M.RMSNorm(64).to(torch.bfloat16), M.MLP(config).to(torch.bfloat16)
+    for p in (*norm.parameters(), *mlp.parameters()):
+        p.data = torch.randn(p.shape, generator=gen).bfloat16() * 0.3
+    x = torch.randn(1, 2, 64, generator=gen).bfloat16()
+    with torch.no_grad():
+        for module in (norm, mlp):
+            eager, compiled = module(x), torch.compile(module, fullgraph=True)(x)
+            assert rel_err(compiled.double(), eager.double()) < 1e-2
