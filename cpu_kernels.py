@@ -216,7 +216,8 @@ def _self_check(lib, group_rows: int) -> bool:
     want = F.scaled_dot_product_attention(q.double().view(1, 2, 3, 64), kv[0].double(), kv[1].double())
     if not (decode_attention(q, kv[0], kv[1], lib=lib).double().view(1, 2, 3, 64) - want).abs().max() < 2e-2:
         return False
-    x, w, (cos, sin) = torch.randn(2, 96, generator=gen).bfloat16(), torch.randn(96).bfloat16(), torch.rand(2, 2, 8).bfloat16()
+    x, w = torch.randn(2, 96, generator=gen).bfloat16(), torch.randn(96, generator=gen).bfloat16()
+    cos, sin = torch.rand(2, 2, 8, generator=gen).bfloat16()
     out, h = torch.empty_like(x), x.float()
     lib.chatglm_cpu_rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), 2, 96, 1e-5)
     ok = torch.allclose(out.float(), w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)), rtol=1e-2)
@@ -389,9 +390,10 @@ def decode_attention(q, k, v, mask=None, lib=None):
 STEP_MAX_ROWS = GEMV_MAX_ROWS  # more rows (prefill): torch's ops, which use every thread
 
 
-def _step_takes(x, width, multiple=16) -> bool:
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and x.dim() > 0
-            and width % multiple == 0 and 0 < x.numel() <= STEP_MAX_ROWS * x.shape[-1])
+def _step_takes(x, width) -> bool:
+    """A contiguous bf16 CPU tensor of up to STEP_MAX_ROWS rows, ``width`` (the kernel's vector) a multiple of 16."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and width % 16 == 0
+            and 0 < x.numel() <= STEP_MAX_ROWS * x.shape[-1])
 
 
 def rms_norm(x, weight, eps):

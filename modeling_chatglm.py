@@ -81,13 +81,17 @@ class RMSNorm(nn.Module):
         return (self.weight * h).to(input_dtype)
 
 
+def _c_kernels_may_run(x):
+    """Whether this package's C kernels may stand in for torch ops on ``x``: a bf16 CPU tensor, not under autograd,
+    a compiler or a tracer (to which a ctypes call is opaque)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and _reads_values()
+
+
 def _step_kernels(x):
     """This package's CPU kernels for the small steps of a bf16 CPU inference forward (norms, rotary, SwiGLU: one
-    call each instead of several torch ops, which after each weight stream run on evicted caches), or None: not
-    under autograd, a compiler or a tracer, or where the library does not build."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and _reads_values():
-        return cpu_kernel("steps")
-    return None
+    call each instead of several torch ops, which after each weight stream run on evicted caches), or None where they
+    may not run on ``x`` or the library does not build."""
+    return cpu_kernel("steps") if _c_kernels_may_run(x) else None
 
 
 def _norm(config, device=None):
@@ -166,7 +170,7 @@ def _sdpa_attention(q, k, v, mask, is_causal, dropout_p):
         # rows, so SDPA runs on [b, kv_heads, groups, d] against the cache as is -- no key/value copies, and
         # 2 large problems instead of 32 tiny ones (the CPU kernel is ~25x faster at 2k context).
         b, h, _, d = q.shape
-        if not dropout_p and q.device.type == "cpu" and not torch.is_grad_enabled() and _reads_values():
+        if not dropout_p and _c_kernels_may_run(q):
             # this package's CPU kernel: 2-2.5x SDPA's (an opaque call: not inside torch.compile / export graphs)
             kernel = cpu_kernel("attention")
             if kernel is not None and kernel[0](q, k, v, mask):
