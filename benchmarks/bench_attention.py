@@ -3,18 +3,16 @@
 grouped-query problem (ChatGLM3-6B: 32 query heads, 2 key/value heads, head_dim 128, bf16), one new token against
 caches of several lengths; alternating calls, medians.
 
-    python benchmarks/bench_attention.py --threads 1 --lengths 128,2048,8192
+    python -m benchmarks.bench_attention --threads 1 --lengths 128,2048,8192
 """
 import argparse
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from support import load_module  # noqa: E402  (the remote-code files imported as a package)
+from tests.support import load_module  # (the remote-code files imported as a package)
 
 
 def main():

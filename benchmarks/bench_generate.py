@@ -26,12 +26,12 @@ Several ``--code-dir`` values benchmark several versions of the package against 
 
 Examples::
 
-    python benchmarks/bench_generate.py --quick                       # bf16, prompt 128, 32 new tokens
-    python benchmarks/bench_generate.py                               # the full CPU table (bf16 + fp32)
-    python benchmarks/bench_generate.py --code-dir . --code-dir /tmp/perfwt --dtypes bf16
-    python benchmarks/bench_generate.py --make-checkpoint /data/chatglm3-28l
-    python benchmarks/bench_generate.py --load-test /data/chatglm3-28l
-    python benchmarks/bench_generate.py --device cuda --dtypes fp16,bf16 --quant 8,4 --layers 28
+    python -m benchmarks.bench_generate --quick                       # bf16, prompt 128, 32 new tokens
+    python -m benchmarks.bench_generate                               # the full CPU table (bf16 + fp32)
+    python -m benchmarks.bench_generate --code-dir . --code-dir /tmp/perfwt --dtypes bf16
+    python -m benchmarks.bench_generate --make-checkpoint /data/chatglm3-28l
+    python -m benchmarks.bench_generate --load-test /data/chatglm3-28l
+    python -m benchmarks.bench_generate --device cuda --dtypes fp16,bf16 --quant 8,4 --layers 28
 """
 import argparse
 import gc
@@ -209,11 +209,8 @@ def _flush_shard(folder, shards, save_file):
 
 def code_files(code_dir):
     """The remote-code files of ``code_dir`` (generate.remote_code_files: its loading.py's REMOTE_CODE_FILES)."""
-    sys.path.insert(0, str(REPO))
-    try:
-        from generate import remote_code_files
-    finally:
-        sys.path.pop(0)
+    from generate import remote_code_files
+
     return remote_code_files(code_dir)
 
 
@@ -258,11 +255,8 @@ def load_ours(folder, dtype, device):
 
 def _converter():
     """scripts/convert_to_glm.py: the one ChatGLM3 -> transformers Glm mapping (config and tensors)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import convert_to_glm
-    finally:
-        sys.path.pop(0)
+    from scripts import convert_to_glm
+
     return convert_to_glm
 
 

@@ -4,8 +4,8 @@ layer's weight rotated over copies larger than 4x the last-level cache (L3_MB, d
 reports 480), medians; also torch.sum's read bandwidth (over twice that cache, at least 512 MiB) measured between
 the rounds.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_kernels_ab.py BITS M ROUNDS REPS DIR [DIR...]
-    e.g. git worktree add /tmp/before <rev>; OMP_NUM_THREADS=2 python benchmarks/bench_kernels_ab.py 4 1 9 2 /tmp/before .
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_kernels_ab BITS M ROUNDS REPS DIR [DIR...]
+    e.g. git worktree add /tmp/before <rev>; OMP_NUM_THREADS=2 python -m benchmarks.bench_kernels_ab 4 1 9 2 /tmp/before .
 """
 import importlib, os, sys, time, types, statistics
 import torch

@@ -35,8 +35,8 @@ AMX, keeping its repacked AVX-512 kernels (``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGM
 
 Examples::
 
-    python benchmarks/bench_llamacpp.py --quick --sdist llama_cpp_python-0.3.36.tar.gz   # smoke run: 1 layer
-    python benchmarks/bench_llamacpp.py --threads 1,2 --layers 4                        # the table
+    python -m benchmarks.bench_llamacpp --quick --sdist llama_cpp_python-0.3.36.tar.gz   # smoke run: 1 layer
+    python -m benchmarks.bench_llamacpp --threads 1,2 --layers 4                        # the table
 """
 import argparse
 import ctypes
@@ -56,12 +56,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import bench_generate as bg
+from tests.llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist  # (shared with tests/test_clients.py)
+from tests.support import real_model_path, train_tiny_model
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-import bench_generate as bg  # noqa: E402  (this folder is on sys.path when run as a script)
-
-sys.path.insert(0, str(REPO / "tests"))
-from llama_cpp_sdist import SDIST_ENV, converter_script, find_sdist  # noqa: E402  (shared with tests/test_clients.py)
 
 # (our label, llama.cpp label, bits for model.quantize or None, llama_ftype name or None for the converter's bf16)
 PRECISIONS = [("bf16", "bf16", None, None), ("int8", "q8_0", 8, "LLAMA_FTYPE_MOSTLY_Q8_0"),
@@ -92,7 +92,6 @@ def tokenizer_model(arg, work):
         if not Path(arg).is_file():
             raise SystemExit(f"--tokenizer-model {arg} is not a file")
         return Path(arg)
-    from support import real_model_path, train_tiny_model  # tests/ is on sys.path (see the imports)
     path = real_model_path()
     if path is None:
         path = Path(work) / "trained-tokenizer.model"

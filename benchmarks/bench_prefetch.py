@@ -7,17 +7,15 @@ Prints one line of GB/s: ``sum`` (torch.sum of 256 MB fp32), ``int8`` / ``int4``
 rotate over weight copies. Compare settings by alternating runs, e.g.::
 
     for i in 1 2 3; do for pf in 8192,8192,4096 0,8192,8192; do
-        CHATGLM_CPU_PREFETCH=$pf python benchmarks/bench_prefetch.py --threads 1; done; done
+        CHATGLM_CPU_PREFETCH=$pf python -m benchmarks.bench_prefetch --threads 1; done; done
 """
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from support import load_module  # noqa: E402  (the remote-code files imported as a package)
+from tests.support import load_module  # (the remote-code files imported as a package)
 
 
 def median_s(fn, calls):

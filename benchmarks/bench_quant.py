@@ -14,7 +14,7 @@
    agreement with the bf16 head. A proxy only: real checkpoints have outlier rows and columns, so measure the
    perplexity of your own task before relying on it.
 
-Usage:  python benchmarks/bench_quant.py [--threads 2] [--layers 4] [--tokens 32] [--skip-model] [--skip-micro]
+Usage:  python -m benchmarks.bench_quant [--threads 2] [--layers 4] [--tokens 32] [--skip-model] [--skip-micro]
 Writes a JSON summary to benchmarks/results/bench_quant.json (next to this file) as well as printing a table.
 """
 import argparse
@@ -222,7 +222,7 @@ def main():
     Q = load_quantization()
     CK = importlib.import_module("chatglm_bench_code.cpu_kernels")
     info = dict(torch=torch.__version__, threads=args.threads, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                command="python benchmarks/bench_quant.py " + " ".join(sys.argv[1:]))
+                command="python -m benchmarks.bench_quant " + " ".join(sys.argv[1:]))
     print(f"torch {info['torch']}, {args.threads} threads, CPU capability {info['cpu_capability']}")
 
     result = dict(info=info)

@@ -1,6 +1,6 @@
 """Slow vs fast ChatGLM tokenizer throughput on batches.
 
-    python benchmarks/bench_tokenizer.py [--model PATH/tokenizer.model] [--repeats 7]
+    python -m benchmarks.bench_tokenizer [--model PATH/tokenizer.model] [--repeats 7]
 
 Loads both tokenizers through AutoTokenizer(trust_remote_code=True) from a temporary hub-style folder, encodes
 batches of deterministic mixed text (Chinese, English, code, emoji, whitespace) with padding=True, and reports the
@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support import load_tokenizer, make_tokenizer_dir, mixed_corpus, real_model_path
 
-from support import load_tokenizer, make_tokenizer_dir, mixed_corpus, real_model_path  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench(tok, texts, repeats):
@@ -88,7 +87,7 @@ def main():
               f"{r['speedup']:>6.1f}x {r['cpu_speedup']:>7.1f}x")
     print("speedup = slow/fast wall time; CPU-time = slow/fast process CPU time (all threads), robust on busy hosts")
     result = {
-        "command": "python benchmarks/bench_tokenizer.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench_tokenizer " + " ".join(sys.argv[1:]),
         "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
         "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": args.repeats,
         "load_seconds": {"slow": load_slow, "fast": load_fast}, "rows": rows,

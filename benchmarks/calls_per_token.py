@@ -5,21 +5,19 @@ A tiny random model with 28 layers (ChatGLM3-6B's depth; the call count does not
 with the package code from ``--code-dir`` and loaded through ``from_pretrained(..., trust_remote_code=True)``; greedy
 ``generate`` runs for 2 and for 34 new tokens under cProfile, and the difference / 32 is printed as JSON.
 
-    python benchmarks/calls_per_token.py --code-dir . --bits 0      # bf16
-    python benchmarks/calls_per_token.py --code-dir /tmp/old --bits 4
+    python -m benchmarks.calls_per_token --code-dir . --bits 0      # bf16
+    python -m benchmarks.calls_per_token --code-dir /tmp/old --bits 4
 """
 import argparse
 import cProfile
 import json
 import pstats
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import support  # noqa: E402  (the tiny-model writer the tests use)
+from tests import support  # (the tiny-model writer the tests use)
 
 
 def main():

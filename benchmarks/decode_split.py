@@ -5,8 +5,8 @@ it runs) against the rest (norms, rotary, SwiGLU, residuals, SDPA, Python), for 
 the rest with hot caches: the difference to the real run's rest is what the weight stream's cache eviction costs
 the small kernels that follow it.
 
-    python benchmarks/bench_generate.py --make-checkpoint /tmp/glm-4l --layers 4
-    python benchmarks/decode_split.py /tmp/glm-4l --bits 4 --threads 1 [--stub]
+    python -m benchmarks.bench_generate --make-checkpoint /tmp/glm-4l --layers 4
+    python -m benchmarks.decode_split /tmp/glm-4l --bits 4 --threads 1 [--stub]
 """
 import argparse
 import importlib

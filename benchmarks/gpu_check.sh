@@ -161,7 +161,7 @@ bench() {  # bench NAME extra-args...
     # transformers < 4.46 has no GlmForCausalLM: this package only
     "$PY" -c "import transformers, sys; sys.exit(not hasattr(transformers, 'GlmForCausalLM'))" || native=--no-native
     # shellcheck disable=SC2086
-    "$PY" benchmarks/bench_generate.py --device "$DEVICE" --dtypes fp16,bf16 --quant 8,4 --work-dir "$WORK_DIR" \
+    "$PY" -m benchmarks.bench_generate --device "$DEVICE" --dtypes fp16,bf16 --quant 8,4 --work-dir "$WORK_DIR" \
         --out-dir "$OUT" --name "$name" $native $BENCH "$@"
 }
 

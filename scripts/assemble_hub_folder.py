@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Assemble a push_to_hub-ready ChatGLM3 folder from a downloaded THUDM snapshot plus this repo's code.
 
-    python scripts/assemble_hub_folder.py SNAPSHOT_DIR OUT_DIR [--check]
+    python -m scripts.assemble_hub_folder SNAPSHOT_DIR OUT_DIR [--check]
 
 The snapshot is the published layout (``huggingface-cli download THUDM/chatglm3-6b-base --local-dir SNAPSHOT``):
 ``pytorch_model-0000N-of-00007.bin`` + ``pytorch_model.bin.index.json`` (or a single ``pytorch_model.bin``),
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from convert_to_glm import CODE_FILES, REPO, dtype_kwargs, load_torch_file, save_shard, write_index
+from scripts.convert_to_glm import CODE_FILES, REPO, dtype_kwargs, load_torch_file, save_shard, write_index
 
 DOC_FILES = ("README.md", "MODEL_LICENSE", "LICENSE", ".gitattributes")
 GITATTRIBUTES = "*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n" \
@@ -101,7 +101,7 @@ def convert_weights(snapshot, out):
         for name in existing:
             shutil.copyfile(Path(snapshot) / name, Path(out) / name)
             log(f"copied {name}")
-        from convert_to_glm import CheckpointReader
+        from scripts.convert_to_glm import CheckpointReader
 
         reader = CheckpointReader(out)
         return reader.weight_map, sum((Path(out) / f).stat().st_size for f in reader.files)
@@ -289,10 +289,11 @@ def run_check(folder, dtype_name="auto", logits_out=None, timeout=None):
     with tempfile.TemporaryDirectory(prefix="chatglm-check-home-") as home:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=home,
                    HF_MODULES_CACHE=os.path.join(home, "modules"))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--check-only", str(folder), "--check-dtype", dtype_name]
+        cmd = [sys.executable, "-m", "scripts.assemble_hub_folder", "--check-only", str(Path(folder).resolve()),
+               "--check-dtype", dtype_name]
         if logits_out:
-            cmd += ["--check-logits-out", str(logits_out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            cmd += ["--check-logits-out", str(Path(logits_out).resolve())]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CHECK ")]
     report = json.loads(lines[-1][len("CHECK "):]) if lines else {}
     if proc.returncode != 0 or not lines:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert a ChatGLM3 checkpoint folder to transformers' own ``GlmForCausalLM`` format, and back.
 
-    python scripts/convert_to_glm.py SRC_CHATGLM_DIR OUT_GLM_DIR [--verify]
-    python scripts/convert_to_glm.py SRC_GLM_DIR OUT_CHATGLM_DIR --reverse [--verify]
+    python -m scripts.convert_to_glm SRC_CHATGLM_DIR OUT_GLM_DIR [--verify]
+    python -m scripts.convert_to_glm SRC_GLM_DIR OUT_CHATGLM_DIR --reverse [--verify]
 
 ChatGLM3 and transformers' Glm compute the same function; only the parameter layout differs:
 
@@ -43,12 +43,10 @@ from pathlib import Path
 
 import torch
 
+from generate import CODE_FILES as _CODE_FILES  # (loading.py's REMOTE_CODE_FILES, the one list)
+
 REPO = Path(__file__).resolve().parent.parent
 ROPE_BASE = 10000.0
-sys.path.insert(0, str(REPO))
-from generate import CODE_FILES as _CODE_FILES  # noqa: E402  (loading.py's REMOTE_CODE_FILES, the one list)
-
-sys.path.pop(0)
 CODE_FILES = tuple(_CODE_FILES)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "added_tokens.json", "tokenization_chatglm.py")

@@ -16,11 +16,10 @@ import torch
 from support import (CODE_FILES, REPO, SHARED_REFERENCE, TINY_CONFIG, dtype_kwargs, greedy, has_transformers_glm,
                      load_model, logits_of, make_model_dir, published_config_dict, random_ids, read_safetensors_folder)
 
+from scripts import assemble_hub_folder as assemble  # (the repository root is on pytest's pythonpath: pytest.ini)
+from scripts import convert_to_glm as convert
+
 needs_glm = pytest.mark.skipif(not has_transformers_glm(), reason="this transformers has no GlmForCausalLM (< 4.46)")
-
-
-import assemble_hub_folder as assemble  # noqa: E402  (scripts/ is on pytest's pythonpath: pytest.ini)
-import convert_to_glm as convert  # noqa: E402
 
 
 def reshard_safetensors(folder, n):
