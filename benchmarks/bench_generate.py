@@ -741,8 +741,9 @@ def load_test(args):
         for kind, folder in (("ours", src), ("native", nat)) if r % 2 == 0 else (("native", nat), ("ours", src)):
             if args.drop_caches:
                 _drop_caches()
-            out = subprocess.run([sys.executable, __file__, "--_load-child", kind, str(folder), args.dtypes[0],
-                                  "--device", args.device], capture_output=True, text=True)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_generate", "--_load-child", kind,
+                                  str(Path(folder).resolve()), args.dtypes[0], "--device", args.device],
+                                 capture_output=True, text=True, cwd=str(REPO))
             if out.returncode:
                 raise SystemExit(out.stderr)
             res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -159,8 +159,9 @@ def make_ggufs(args, folder, work):
             log(f"quantizing {bf16.name} to {path.name} (output tensor {args.head}) ...")
             tmp = path.with_suffix(".tmp")
             t = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--_quantize", str(bf16), str(tmp), ftype,
-                                   HEAD_TYPES[args.head]], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_llamacpp", "--_quantize",
+                                   str(bf16.resolve()), str(tmp.resolve()), ftype, HEAD_TYPES[args.head]],
+                                  capture_output=True, text=True, cwd=str(REPO))
             (out / f"quantize-{name}.log").write_text(proc.stdout + proc.stderr)
             if proc.returncode:
                 raise SystemExit(f"llama_model_quantize to {name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
