@@ -236,6 +236,21 @@ def test_assemble_refuses_non_empty_output_and_missing_shards(tmp_path):
 
 
 # =====================================================================================================================
+# benchmarks/ and scripts/ as modules
+def test_benchmarks_and_scripts_import_as_modules_from_the_repository_root():
+    """They run as ``python -m benchmarks.<name>`` / ``python -m scripts.<name>`` from the repository root and import
+    generate.py, each other and tests/support.py as modules (no sys.path inserts): each imports that way in a fresh
+    process (``-c`` puts the working directory first on sys.path, as ``-m`` does). bench_kernels_ab.py, a script that
+    runs on import, is left out."""
+    files = sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    names = [f"{p.parent.name}.{p.stem}" for p in files if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8")]
+    assert {"benchmarks.bench_generate", "benchmarks.bench_llamacpp", "scripts.convert_to_glm",
+            "scripts.assemble_hub_folder"} <= set(names)
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('imported')"
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["imported"], proc.stderr[-3000:]
+
+
 # generate.py --tiny
 # =====================================================================================================================
 @pytest.mark.parametrize("tokenizer_model", ("published", "trained"))
