@@ -50,6 +50,9 @@ from pathlib import Path
 
 import torch
 
+from generate import remote_code_files
+from scripts import convert_to_glm  # the one ChatGLM3 -> transformers Glm mapping (config and tensors)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -209,8 +212,6 @@ def _flush_shard(folder, shards, save_file):
 
 def code_files(code_dir):
     """The remote-code files of ``code_dir`` (generate.remote_code_files: its loading.py's REMOTE_CODE_FILES)."""
-    from generate import remote_code_files
-
     return remote_code_files(code_dir)
 
 
@@ -253,17 +254,10 @@ def load_ours(folder, dtype, device):
     return model.to(device).eval()
 
 
-def _converter():
-    """scripts/convert_to_glm.py: the one ChatGLM3 -> transformers Glm mapping (config and tensors)."""
-    from scripts import convert_to_glm
-
-    return convert_to_glm
-
-
 def glm_config(c):
     from transformers import GlmConfig
 
-    cfg = GlmConfig.from_dict(_converter().build_glm_config_dict(c.to_dict()))
+    cfg = GlmConfig.from_dict(convert_to_glm.build_glm_config_dict(c.to_dict()))
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -282,7 +276,7 @@ class _StateDictReader:
 
 
 def to_glm_state_dict(sd, cfg):
-    plan = _converter().chatglm_to_glm_plan(_StateDictReader(sd), cfg.to_dict())
+    plan = convert_to_glm.chatglm_to_glm_plan(_StateDictReader(sd), cfg.to_dict())
     return {dst: fn(sd[srcs[0]]) for _, dst, srcs, fn in plan}
 
 
